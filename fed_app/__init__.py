@@ -1,0 +1,1 @@
+"""fedvec's Flower apps and the federated maths beside them."""

@@ -1,0 +1,110 @@
+"""What a client does with its shard, as plain functions on arrays (no Flower here).
+
+``client_app.py`` unpacks messages, calls these, and packs the replies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+
+from vector_index.quantizers import IndexSpec, build_index, residuals, squared_errors
+
+from . import lloyd
+from .encoder import TrainSettings, encode, load_encoder, train_encoder
+from .state import GlobalState
+
+
+def index_spec(cfg: dict[str, Any]) -> IndexSpec:
+    i = cfg["index"]
+    return IndexSpec(i["kind"], int(i.get("m", 8)), int(i.get("nbits", 8)), int(i.get("nlist", 0)), int(i.get("nprobe", 1)))
+
+
+def _level_input(z: np.ndarray, level: str, codebooks: dict[str, np.ndarray]) -> np.ndarray:
+    """The vectors a codebook level quantizes: z for coarse, residuals of z for PQ."""
+    if level == "pq" and "coarse" in codebooks:
+        return residuals(z, codebooks["coarse"])
+    return z
+
+
+def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One-shot init, client side: local k-means per sub-space, centroids + counts."""
+    z = encode(load_encoder(state.encoder), x)
+    spec = index_spec(cfg)
+    m, k, _ = spec.level_shape(level, z.shape[1])
+    local_k = k if level == "coarse" else int(cfg["init"]["local_k"])
+    cents, counts = lloyd.local_centroids(
+        _level_input(z, level, state.codebooks), m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"])
+    )
+    return {"centroids": cents, "counts": counts.astype(np.int32)}
+
+
+def train(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """Train the encoder locally, then describe the codebook update this strategy wants.
+
+    Returns (encoder weights, codebook update arrays keyed ``<level>.<what>``, metrics).
+    """
+    spec = index_spec(cfg)
+    t = cfg["train"]
+    mode = cfg["codebook-update"]
+    settings = TrainSettings(
+        epochs=int(t["local_epochs"]),
+        batch_size=int(t["batch_size"]),
+        lr=float(t["lr"]),
+        lam=float(t["lam"]),
+        gamma=float(t["gamma"]),
+        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        seed=int(cfg["seed"]) * 100_003 + int(cfg["server-round"]),
+    )
+    weights, losses = train_encoder(state.encoder, x, state.ordered_codebooks(spec.levels), settings)
+    z = encode(load_encoder(weights), x)
+    update: dict[str, np.ndarray] = {}
+    new_books: dict[str, np.ndarray] = {}
+    for level in spec.levels:
+        books = {**state.codebooks, **new_books} if mode == "average_independent" else state.codebooks
+        zl = _level_input(z, level, books)
+        if mode == "lloyd":
+            sums, counts, _ = lloyd.lloyd_statistics(zl, state.codebooks[level])
+            update[f"{level}.sums"] = sums.astype(np.float32)
+            update[f"{level}.counts"] = counts.astype(np.int32)
+        elif mode == "average_refined":
+            update[f"{level}.centroids"] = lloyd.local_refinement(zl, state.codebooks[level], int(cfg["local-iters"]), int(cfg["seed"]))
+        elif mode == "average_independent":
+            m, k, _ = state.codebooks[level].shape
+            cents, _ = lloyd.local_centroids(zl, m, k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]) + int(cfg["server-round"]))
+            if cents.shape[1] < k:  # fewer vectors than centroids: repeat to fill the codebook
+                cents = cents[:, np.resize(np.arange(cents.shape[1]), k)]
+            new_books[level] = cents
+            update[f"{level}.centroids"] = cents
+        else:
+            raise ValueError(f"unknown codebook-update mode {mode!r}")
+    return weights, update, {"num-examples": float(x.shape[0]), **losses}
+
+
+def distortion(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> dict[str, float]:
+    """Mean ||z - q(z)||^2 and ||z||^2 over the shard; FedAvg's weighting by
+    num-examples turns them into exact means over the union."""
+    spec = index_spec(cfg)
+    z = encode(load_encoder(state.encoder), x)
+    books = {lvl: state.codebooks[lvl] for lvl in spec.levels}
+    sse = float(squared_errors(z, books).sum()) if books else 0.0
+    n = x.shape[0]
+    return {"num-examples": float(n), "distortion": sse / n, "energy": float((z.astype(np.float64) ** 2).sum()) / n}
+
+
+def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Local top-k of every query: from the compressed index and exactly on raw vectors.
+
+    Only ids and distances leave the client.
+    """
+    spec = index_spec(cfg)
+    model = load_encoder(state.encoder)
+    z, zq = encode(model, x), encode(model, queries)
+    index = build_index(spec, z, ids, {lvl: state.codebooks[lvl] for lvl in spec.levels})
+    dc, ic = index.search(zq, k)
+    exact = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
+    exact.add_with_ids(x, ids)
+    de, ie = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return {"compressed.distances": dc, "compressed.ids": ic, "exact.distances": de, "exact.ids": ie}

@@ -1,0 +1,65 @@
+"""Compose ``conf/`` with Hydra (for ``flwr run .``) and refuse invalid experiments.
+
+Validation runs on the server before any client is contacted, naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """An experiment configuration fedvec refuses to run."""
+
+
+def compose_config(overrides: str | list[str] = ()) -> dict[str, Any]:
+    """The same composition ``@hydra.main`` does, for callers outside Hydra's CLI."""
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_plain(cfg)
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
+    """Refuse what cannot work, before any client starts."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    n = cfg["num_clients"]
+    need(isinstance(n, int) and n >= 1, "num_clients", f"must be an integer >= 1, got {n!r}")
+    need(n <= num_vectors, "num_clients", f"{n} clients but only {num_vectors} base vectors")
+    need(cfg["num_rounds"] >= 1, "num_rounds", f"must be >= 1, got {cfg['num_rounds']}")
+    f = cfg["fraction_train"]
+    need(0 < f <= 1, "fraction_train", f"must be in (0, 1], got {f}")
+    alpha = cfg["partition"].get("alpha")
+    need(alpha is None or alpha > 0, "partition.alpha", f"must be > 0, got {alpha}")
+    idx = cfg["index"]
+    if idx["kind"] in ("pq", "ivfpq"):
+        m, nbits = idx["m"], idx["nbits"]
+        need(m >= 1, "index.m", f"must be >= 1, got {m}")
+        need(dim % m == 0, "index.m", f"the vectors' dimension {dim} is not divisible by M={m}")
+        need(1 <= nbits <= 16, "index.nbits", f"must be in 1..16, got {nbits}")
+        need(num_vectors >= 1 << nbits, "index.nbits", f"2^{nbits} centroids but only {num_vectors} vectors")
+    if idx["kind"] == "ivfpq":
+        need(1 <= idx["nlist"] <= num_vectors, "index.nlist", f"must be in 1..{num_vectors}, got {idx['nlist']}")
+        need(idx["nprobe"] >= 1, "index.nprobe", f"must be >= 1, got {idx['nprobe']}")
+    t = cfg["train"]
+    need(t["local_epochs"] >= 0, "train.local_epochs", "must be >= 0")
+    need(t["batch_size"] >= 2, "train.batch_size", "must be >= 2 (the task loss uses pairs)")
+    need(t["lr"] > 0, "train.lr", "must be > 0")
+    need(t["lam"] >= 0 and t["gamma"] >= 0, "train.lam/train.gamma", "loss weights must be >= 0")
+    need(cfg["eval"]["k"] >= 10, "eval.k", "must be >= 10 to report 10-recall@10")

@@ -1,0 +1,183 @@
+"""The server's whole run: validate, initialise, train rounds, evaluate, summarise.
+
+Flower's ``Strategy.start`` drives the rounds; this module adds the one-shot codebook
+initialisation before them and the federated query evaluation after each of them.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from hydra.utils import instantiate
+
+from vector_index.datasets import Dataset
+from vector_index.quantizers import IndexSpec, train_reference_index
+from vector_index.topk import recall_report
+
+from . import lloyd
+from .client_tasks import index_spec
+from .config import validate
+from .encoder import initial_weights
+from .federated_search import federated_search
+from .local_data import load_dataset
+from .settings import client_config
+from .state import GlobalState, arrays_of, record_nbytes
+from .summary import final_table, write_summary
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while len(nodes := list(grid.get_node_ids())) < n:
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} SuperNodes connected after {timeout:.0f}s but num_clients={n}; "
+                "start more SuperNodes or set num_clients to match the federation"
+            )
+        time.sleep(0.5)
+    return nodes
+
+
+def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float) -> int:
+    """One-shot init: clients send local centroids + counts, the server clusters them.
+
+    Returns the bytes one client uploaded (mean), for the communication report.
+    """
+    nodes = sorted(grid.get_node_ids())
+    nbytes = []
+    for level in spec.levels:
+        config = client_config(cfg)
+        config["init-level"] = level
+        content = RecordDict({"arrays": state.to_record(), "config": config})
+        replies = [r for r in grid.send_and_receive([Message(content=content, message_type="train.init", dst_node_id=n) for n in nodes], timeout=timeout)]
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                log(INFO, "init: node %d failed: %s", r.metadata.src_node_id, r.error.reason)
+        if not ok:
+            raise RuntimeError(f"init ({level}): no client answered")
+        m, k, _ = spec.level_shape(level, _dim(state))
+        cents = [r.content["init"]["centroids"].numpy() for r in ok]
+        counts = [r.content["init"]["counts"].numpy() for r in ok]
+        nbytes += [record_nbytes(r.content["init"]) for r in ok]
+        state.codebooks[level] = lloyd.weighted_merge(cents, counts, k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
+        log(INFO, "init %s: %d clients sent %d local centroids per sub-space -> K=%d", level, len(ok), sum(c.shape[1] for c in cents), k)
+    return int(np.mean(nbytes)) if nbytes else 0
+
+
+def _dim(state: GlobalState) -> int:
+    return state.encoder["linear.weight"].shape[0]
+
+
+def reference_metrics(spec: IndexSpec, data: Dataset, truth: np.ndarray, k: int, seed: int) -> dict[str, float]:
+    """Centralized faiss index trained on the pooled base: what federation should match."""
+    index = train_reference_index(spec, data.base, seed)
+    _, found = index.search(data.queries, k)
+    out = recall_report(found, truth)
+    if spec.kind == "flat":
+        out["distortion"] = 0.0
+    else:
+        recon = index.sa_decode(index.sa_encode(data.base))
+        out["distortion"] = float(((data.base - recon) ** 2).sum(axis=1).mean())
+    return out
+
+
+class RoundEvaluator:
+    """Flower's ``evaluate_fn``: distortion (from the clients' evaluate replies) and
+    recall of the merged federated top-k, after init (round 0) and every round."""
+
+    def __init__(self, grid: Grid, strategy: Any, cfg: dict[str, Any], queries: np.ndarray, timeout: float) -> None:
+        self.grid, self.strategy, self.cfg, self.queries, self.timeout = grid, strategy, cfg, queries, timeout
+        self.rounds: list[dict[str, float]] = []
+        self.truth: np.ndarray | None = None
+        self.t0 = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round == 0:  # Flower's own evaluate pass only follows training rounds
+            replies = self.grid.send_and_receive(
+                self.strategy.configure_evaluate(0, arrays, client_config(self.cfg), self.grid), timeout=self.timeout
+            )
+            self.strategy.aggregate_evaluate(0, replies)
+        ev = self.strategy.latest_evaluate or {}
+        row: dict[str, float] = {"round": server_round}
+        if "distortion" in ev:
+            row["distortion"] = float(ev["distortion"])
+            row["relative_distortion"] = float(ev["distortion"]) / max(float(ev["energy"]), 1e-30)
+        every = int(self.cfg["eval"]["every"])
+        if server_round % every == 0 or server_round == int(self.cfg["num_rounds"]):
+            res = federated_search(self.grid, arrays, self.queries, int(self.cfg["eval"]["k"]), client_config(self.cfg), self.timeout)
+            self.truth = res.exact[1]
+            row.update(recall_report(res.compressed[1], self.truth))
+            row["shards_answered"] = len(res.answered)
+        row.update(self.strategy.round_log.get(server_round, {}))
+        row["elapsed_s"] = round(time.time() - self.t0, 2)
+        self.rounds.append(row)
+        log(
+            INFO,
+            "[fedvec] round %d/%d  distortion %.4f  10-R@10 %s  (%.1fs)",
+            server_round, self.cfg["num_rounds"], row.get("distortion", float("nan")),
+            f"{row['recall_10_at_10']:.4f}" if "recall_10_at_10" in row else "-", row["elapsed_s"],
+        )
+        return MetricRecord({k: v for k, v in row.items() if k != "round"})
+
+
+def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Run one experiment end to end; returns the path of summary.json."""
+    t0 = time.time()
+    data = load_dataset(cfg["data"])
+    validate(cfg, data.base.shape[1], data.base.shape[0])
+    spec = index_spec(cfg)
+    timeout = float(cfg["timeout_s"])
+    wait_for_nodes(grid, int(cfg["num_clients"]), timeout)
+
+    state = GlobalState(encoder=initial_weights(data.base.shape[1], int(cfg["model"]["hidden"]), int(cfg["seed"])))
+    init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout)
+
+    n = int(cfg["num_clients"])
+    strategy = instantiate(
+        cfg["strategy"]["flower"],
+        fraction_train=float(cfg["fraction_train"]),
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=n,
+        seed=int(cfg["seed"]),
+    )
+    evaluator = RoundEvaluator(grid, strategy, cfg, data.queries, timeout)
+    result = strategy.start(
+        grid,
+        state.to_record(),
+        num_rounds=int(cfg["num_rounds"]),
+        timeout=timeout,
+        train_config=client_config(cfg),
+        evaluate_config=client_config(cfg),
+        evaluate_fn=evaluator,
+    )
+    final_row = evaluator.rounds[-1]
+    federated = {k: final_row[k] for k in ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at_10", "recall_10_at_10") if k in final_row}
+    uploads = [r["bytes_up_per_client"] for r in evaluator.rounds if "bytes_up_per_client" in r]
+    final: dict[str, Any] = {
+        "federated": federated,
+        "bytes_per_vector": spec.code_size(data.base.shape[1]),
+        "bytes_up_per_client_per_round": float(np.mean(uploads)) if uploads else 0.0,
+        "bytes_up_per_client_init": init_bytes,
+    }
+    if cfg["eval"]["centralized"]:
+        final["centralized"] = reference_metrics(spec, data, evaluator.truth, int(cfg["eval"]["k"]), int(cfg["seed"]))
+    summary = {
+        "final": final,
+        "rounds": evaluator.rounds,
+        "config": cfg,
+        "wall_time_s": round(time.time() - t0, 2),
+        "model_bytes": int(sum(a.nbytes for a in arrays_of(result.arrays).values())) if result.arrays else 0,
+    }
+    path = write_summary(out_dir, summary)
+    for line in final_table(final).splitlines():
+        log(INFO, "%s", line)
+    return path

@@ -1,0 +1,39 @@
+"""fedvec ServerApp for ``flwr run .``: compose ``conf/`` with Hydra, run, report.
+
+Hydra overrides arrive through Flower's run config as one string::
+
+    flwr run . --run-config 'overrides="num_rounds=3 partition=dirichlet"'
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import compose_config
+from .federation import run_federation
+
+
+def make_server_app(cfg: dict, out_dir: Path) -> ServerApp:
+    """A ServerApp closed over an already composed config (used by simulations.run)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, out_dir)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = compose_config(str(rc.get("overrides", "")))
+    out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
+    print(run_federation(grid, cfg, out_dir), flush=True)

@@ -1,0 +1,114 @@
+"""Flower strategies that federate a PQ codebook beside the encoder.
+
+``CodebookMixin`` goes in front of any Flower Message-API strategy derived from FedAvg:
+the base class sees only the encoder (so FedAvg, FedProx and FedAdam aggregate it as
+they always do) while the mixin turns the clients' codebook updates into new codebooks:
+
+- ``lloyd``: exact federated Lloyd on sufficient statistics (sums, counts);
+- ``average_refined`` (baseline): FedAvg of centroids refined locally from the global;
+- ``average_independent`` (baseline): FedAvg of codebooks each client trained alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.supercore import log
+
+from . import lloyd
+from .state import CODEBOOK, ENCODER, arrays_of, record_nbytes, record_of
+
+UPDATE_KEY = "codebook-update"
+MODES = ("lloyd", "average_refined", "average_independent")
+
+
+class CodebookMixin:
+    """Codebook federation for a FedAvg-family strategy (put it first in the bases)."""
+
+    def __init__(self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "split", seed: int = 0, **kwargs) -> None:
+        if codebook_update not in MODES:
+            raise ValueError(f"codebook_update={codebook_update!r} must be one of {MODES}")
+        super().__init__(*args, **kwargs)
+        self.codebook_update = codebook_update
+        self.local_iters = local_iters
+        self.empty = empty
+        self.seed = seed
+        self._codebooks: dict[str, np.ndarray] = {}
+        self.round_log: dict[int, dict[str, float]] = {}
+        self.latest_evaluate: MetricRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Let the base strategy see the encoder only; ship codebooks beside it."""
+        everything = arrays_of(arrays)
+        self._codebooks = {k: v for k, v in everything.items() if k.startswith(CODEBOOK)}
+        encoder = record_of({k: v for k, v in everything.items() if k.startswith(ENCODER)})
+        config[UPDATE_KEY] = self.codebook_update
+        config["local-iters"] = self.local_iters
+        messages = list(super().configure_train(server_round, encoder, config, grid))
+        books = record_of(self._codebooks)
+        for msg in messages:
+            msg.content["codebooks"] = books
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        updates, weights, nbytes = [], [], []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            nbytes.append(sum(record_nbytes(r) for r in msg.content.array_records.values()))
+            updates.append(arrays_of(msg.content.array_records.pop("codebook-update")))
+            weights.append(float(next(iter(msg.content.metric_records.values()))["num-examples"]))
+        encoder, metrics = super().aggregate_train(server_round, replies)
+        if encoder is None:
+            log(WARNING, "round %d: no usable replies, global model unchanged", server_round)
+            return None, metrics
+        books, n_empty = self._merge_codebooks(updates, weights, server_round)
+        self.round_log[server_round] = {
+            "clients": float(len(updates)),
+            "bytes_up_per_client": float(np.mean(nbytes)),
+            "empty_centroids": float(n_empty),
+        }
+        if n_empty:
+            log(INFO, "round %d: %d empty centroids re-seeded by splitting large clusters", server_round, n_empty)
+        out = arrays_of(encoder)
+        out.update(books)
+        return record_of(out), metrics
+
+    def _merge_codebooks(self, updates: list[dict[str, np.ndarray]], weights: list[float], server_round: int) -> tuple[dict[str, np.ndarray], int]:
+        out, n_empty = {}, 0
+        for key, previous in self._codebooks.items():
+            level = key[len(CODEBOOK):]
+            if self.codebook_update == "lloyd":
+                sums = np.sum([u[f"{level}.sums"].astype(np.float64) for u in updates], axis=0)
+                counts = np.sum([u[f"{level}.counts"].astype(np.int64) for u in updates], axis=0)
+                out[key], empty = lloyd.lloyd_update(sums, counts, previous, self.empty, self.seed + server_round)
+                n_empty += empty
+            else:
+                out[key] = lloyd.weighted_average([u[f"{level}.centroids"] for u in updates], weights)
+        return out, n_empty
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.latest_evaluate = super().aggregate_evaluate(server_round, replies)
+        return self.latest_evaluate
+
+
+class FederatedPQ(CodebookMixin, FedAvg):
+    """Encoder by FedAvg (weighted by num-examples), codebook by federated Lloyd."""
+
+
+class FederatedPQProx(CodebookMixin, FedProx):
+    """Encoder by FedProx: clients add (mu/2)||w - w_global||^2 to their loss."""
+
+
+class FederatedPQAdam(CodebookMixin, FedAdam):
+    """Encoder by FedAdam (server-side Adam on the averaged update)."""
+
+
+class FederatedPQYogi(CodebookMixin, FedYogi):
+    """Encoder by FedYogi."""

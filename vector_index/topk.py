@@ -1,0 +1,37 @@
+"""Merging per-shard top-k lists and scoring them against ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k from per-shard top-k lists (each [nq, k_i], smaller distance first).
+
+    Shards holding fewer than k vectors pad with id -1; those slots sort last. Ties keep
+    shard order (stable sort), as a single index would keep insertion order.
+    """
+    d = np.concatenate(distances, axis=1).astype(np.float32)
+    i = np.concatenate(ids, axis=1).astype(np.int64)
+    d = np.where(i < 0, np.inf, d)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
+
+
+def recall_1_at_r(found: np.ndarray, truth: np.ndarray, r: int) -> float:
+    """Fraction of queries whose true nearest neighbour is in the first r results."""
+    return float((found[:, :r] == truth[:, :1]).any(axis=1).mean())
+
+
+def recall_k_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean overlap of the first k results with the true first k, divided by k."""
+    hits = [np.intersect1d(f[:k], t[:k]).size for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k)
+
+
+def recall_report(found: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {
+        "recall_1_at_1": recall_1_at_r(found, truth, 1),
+        "recall_1_at_10": recall_1_at_r(found, truth, 10),
+        "recall_10_at_10": recall_k_at_k(found, truth, 10),
+    }
