@@ -15,13 +15,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fed_app.client_app import app as client_app
-from fed_app.config import CONF_DIR, to_plain
+from fed_app.config import CONF_DIR, to_plain, validate
+from fed_app.local_data import load_dataset
 from fed_app.server_app import make_server_app
 
 
 def simulate(cfg: dict, out_dir: Path) -> Path:
     """Run the ServerApp and ClientApps in this process; returns summary.json's path."""
     logging.getLogger("flwr").propagate = False  # Hydra's root handler would print twice
+    data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
+    validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
         client_app=client_app,
