@@ -1,7 +1,8 @@
 """The shared torch encoder and its local training objective.
 
-``z = A x + b + W2 relu(W1 x)`` starts at the identity (A = I, b = 0, W2 = 0), so with
-lambda = gamma = 0 nothing moves it and fedvec is plain PQ on the raw vectors.
+The encoder is linear (affine, or an orthogonal rotation) and starts at the identity, so
+with lambda = gamma = 0 nothing moves it and fedvec is plain PQ on the raw vectors. Being
+linear, a deployed shard applies it inside faiss (a LinearTransform), queries included.
 
 Task loss (no labels needed): distance preservation within a mini-batch,
 ``mean_ij (||z_i - z_j||^2 - ||x_i - x_j||^2)^2``. It is zero at the identity and keeps
@@ -16,31 +17,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
 
 class Encoder(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    """``affine``: z = A x + b. ``rotation``: z = R x with R orthogonal (torch's
+    parametrization keeps it orthogonal through FedAvg of its parameters), i.e. an
+    OPQ-style rotation learned by gradient descent. Both start at the identity."""
+
+    def __init__(self, dim: int, kind: str) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, dim)
+        if kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder kind {kind!r} must be one of {ENCODER_KINDS}")
+        self.linear = nn.Linear(dim, dim, bias=kind == "affine")
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(dim))
-            self.linear.bias.zero_()
-        self.hidden = hidden
-        if hidden > 0:
-            self.up = nn.Linear(dim, hidden)
-            self.down = nn.Linear(hidden, dim, bias=False)
-            nn.init.zeros_(self.down.weight)
+            if self.linear.bias is not None:
+                self.linear.bias.zero_()
+        if kind == "rotation":
+            orthogonal(self.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.linear(x)
-        if self.hidden > 0:
-            z = z + self.down(torch.relu(self.up(x)))
-        return z
+        return self.linear(x)
 
 
-def initial_weights(dim: int, hidden: int, seed: int) -> dict[str, np.ndarray]:
-    torch.manual_seed(seed)
-    return weights_of(Encoder(dim, hidden))
+ENCODER_KINDS = ("affine", "rotation")
+ROTATION_KEY = "linear.parametrizations.weight.original"
+
+
+def initial_weights(dim: int, kind: str) -> dict[str, np.ndarray]:
+    return weights_of(Encoder(dim, kind))
 
 
 def weights_of(model: Encoder) -> dict[str, np.ndarray]:
@@ -48,11 +54,19 @@ def weights_of(model: Encoder) -> dict[str, np.ndarray]:
 
 
 def load_encoder(weights: dict[str, np.ndarray]) -> Encoder:
-    dim = weights["linear.weight"].shape[0]
-    hidden = weights["up.weight"].shape[0] if "up.weight" in weights else 0
-    model = Encoder(dim, hidden)
+    kind = "rotation" if ROTATION_KEY in weights else "affine"
+    model = Encoder(weights[ROTATION_KEY if kind == "rotation" else "linear.weight"].shape[0], kind)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
     return model
+
+
+@torch.no_grad()
+def affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) with z = A x + b: what a faiss LinearTransform needs to encode in a shard."""
+    lin = load_encoder(weights).linear
+    a = lin.weight.detach().numpy().astype(np.float32)
+    b = lin.bias.detach().numpy() if lin.bias is not None else np.zeros(a.shape[0])
+    return np.ascontiguousarray(a), b.astype(np.float32)
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
 
 
 def _dim(state: GlobalState) -> int:
-    return state.encoder["linear.weight"].shape[0]
+    return next(iter(state.encoder.values())).shape[-1]
 
 
 def reference_metrics(spec: IndexSpec, data: Dataset, truth: np.ndarray, k: int, seed: int) -> dict[str, float]:
@@ -136,7 +136,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     timeout = float(cfg["timeout_s"])
     wait_for_nodes(grid, int(cfg["num_clients"]), timeout)
 
-    state = GlobalState(encoder=initial_weights(data.base.shape[1], int(cfg["model"]["hidden"]), int(cfg["seed"])))
+    state = GlobalState(encoder=initial_weights(data.base.shape[1], str(cfg["model"]["kind"])))
     init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout)
 
     n = int(cfg["num_clients"])

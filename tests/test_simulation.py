@@ -25,7 +25,7 @@ def check_summary(summary: dict, num_rounds: int) -> None:
 
 
 def test_three_clients_improve_distortion_and_write_summary(tiny_cfg, tmp_path, capsys):
-    cfg = tiny_cfg("num_clients=3", "num_rounds=3", "partition=dirichlet", "partition.alpha=0.3", "partition.num_clusters=10")
+    cfg = tiny_cfg("num_clients=3", "num_rounds=3", "partition=dirichlet", "partition.alpha=0.3", "partition.num_clusters=10", "train.lam=0")
     path = simulate(cfg, tmp_path)
     summary = json.loads(path.read_text())
     check_summary(summary, 3)
