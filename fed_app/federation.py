@@ -137,7 +137,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     wait_for_nodes(grid, int(cfg["num_clients"]), timeout)
 
     state = GlobalState(encoder=initial_weights(data.base.shape[1], str(cfg["model"]["kind"])))
-    init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout)
+    local = cfg["strategy"]["flower"]["codebook_update"] == "local"
+    init_bytes = 0 if local else initialise_codebooks(grid, state, spec, cfg, timeout)
 
     n = int(cfg["num_clients"])
     strategy = instantiate(

@@ -10,7 +10,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-CLIENT_SECTIONS = ("data", "partition", "index", "model", "train", "init", "eval")
+CLIENT_SECTIONS = ("data", "partition", "index", "model", "train", "init", "eval", "strategy")
 
 # Functions a client may be asked to call to load its simulated shard: a ConfigRecord
 # comes from the network, so a client never instantiates an arbitrary ``_target_``.

@@ -6,7 +6,11 @@ they always do) while the mixin turns the clients' codebook updates into new cod
 
 - ``lloyd``: exact federated Lloyd on sufficient statistics (sums, counts);
 - ``average_refined`` (baseline): FedAvg of centroids refined locally from the global;
-- ``average_independent`` (baseline): FedAvg of codebooks each client trained alone.
+- ``average_independent`` (baseline): FedAvg of codebooks each client trained alone;
+- ``none``: the one-shot initialisation alone; ``local``: no global codebook at all
+  (each shard trains its own: the no-federation reference).
+
+Clients learn the mode from the ``strategy.*`` keys every message's config carries.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from flwr.supercore import log
 from . import lloyd
 from .state import CODEBOOK, ENCODER, arrays_of, record_nbytes, record_of
 
-UPDATE_KEY = "codebook-update"
-MODES = ("lloyd", "average_refined", "average_independent")
+MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
 
 
 class CodebookMixin:
@@ -47,8 +50,6 @@ class CodebookMixin:
         everything = arrays_of(arrays)
         self._codebooks = {k: v for k, v in everything.items() if k.startswith(CODEBOOK)}
         encoder = record_of({k: v for k, v in everything.items() if k.startswith(ENCODER)})
-        config[UPDATE_KEY] = self.codebook_update
-        config["local-iters"] = self.local_iters
         messages = list(super().configure_train(server_round, encoder, config, grid))
         books = record_of(self._codebooks)
         for msg in messages:
@@ -84,7 +85,9 @@ class CodebookMixin:
         out, n_empty = {}, 0
         for key, previous in self._codebooks.items():
             level = key[len(CODEBOOK):]
-            if self.codebook_update == "lloyd":
+            if self.codebook_update in ("none", "local"):
+                out[key] = previous
+            elif self.codebook_update == "lloyd":
                 sums = np.sum([u[f"{level}.sums"].astype(np.float64) for u in updates], axis=0)
                 counts = np.sum([u[f"{level}.counts"].astype(np.int64) for u in updates], axis=0)
                 out[key], empty = lloyd.lloyd_update(sums, counts, previous, self.empty, self.seed + server_round)
