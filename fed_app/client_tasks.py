@@ -8,6 +8,7 @@ for ``none`` (the one-shot init alone) and ``local`` (each shard keeps its own c
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import faiss
@@ -21,8 +22,9 @@ from .state import GlobalState
 
 
 def index_spec(cfg: dict[str, Any]) -> IndexSpec:
-    i = cfg["index"]
-    return IndexSpec(i["kind"], int(i.get("m", 8)), int(i.get("nbits", 8)), int(i.get("nlist", 0)), int(i.get("nprobe", 1)))
+    """The ``index`` config group as an IndexSpec (keys it does not name keep defaults)."""
+    known = {f.name for f in fields(IndexSpec)}
+    return IndexSpec(**{k: v for k, v in cfg["index"].items() if k in known})
 
 
 def codebook_mode(cfg: dict[str, Any]) -> str:

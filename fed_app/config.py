@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+INDEX_KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")
+
+
 class ConfigError(ValueError):
     """An experiment configuration fedvec refuses to run."""
 
@@ -48,7 +51,8 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     alpha = cfg["partition"].get("alpha")
     need(alpha is None or alpha > 0, "partition.alpha", f"must be > 0, got {alpha}")
     idx = cfg["index"]
-    if idx["kind"] in ("pq", "ivfpq"):
+    need(idx["kind"] in INDEX_KINDS, "index.kind", f"{idx['kind']!r} is not one of {', '.join(INDEX_KINDS)}")
+    if idx["kind"] in ("pq", "ivfpq", "hnswpq", "opqpq"):
         m, nbits = idx["m"], idx["nbits"]
         need(m >= 1, "index.m", f"must be >= 1, got {m}")
         need(dim % m == 0, "index.m", f"the vectors' dimension {dim} is not divisible by M={m}")
@@ -57,6 +61,11 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     if idx["kind"] == "ivfpq":
         need(1 <= idx["nlist"] <= num_vectors, "index.nlist", f"must be in 1..{num_vectors}, got {idx['nlist']}")
         need(idx["nprobe"] >= 1, "index.nprobe", f"must be >= 1, got {idx['nprobe']}")
+    if idx["kind"] == "opqpq":
+        need(cfg["model"]["kind"] == "rotation", "model", "index=opqpq needs model=rotation (the OPQ rotation is the encoder)")
+    if idx["kind"] in ("hnsw", "hnswpq"):
+        need(idx["hnsw_m"] >= 2, "index.hnsw_m", f"must be >= 2, got {idx['hnsw_m']}")
+        need(idx["ef_search"] >= cfg["eval"]["k"], "index.ef_search", f"must be >= eval.k={cfg['eval']['k']}, got {idx['ef_search']}")
     t = cfg["train"]
     need(t["local_epochs"] >= 0, "train.local_epochs", "must be >= 0")
     need(t["batch_size"] >= 2, "train.batch_size", "must be >= 2 (the task loss uses pairs)")
