@@ -45,6 +45,9 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     n = cfg["num_clients"]
     need(isinstance(n, int) and n >= 1, "num_clients", f"must be an integer >= 1, got {n!r}")
     need(n <= num_vectors, "num_clients", f"{n} clients but only {num_vectors} base vectors")
+    mc = cfg["min_clients"]
+    need(isinstance(mc, int) and 1 <= mc <= n, "min_clients", f"must be an integer in 1..num_clients={n}, got {mc!r}")
+    need(cfg["timeout_s"] > 0, "timeout_s", f"must be > 0, got {cfg['timeout_s']}")
     need(cfg["num_rounds"] >= 1, "num_rounds", f"must be >= 1, got {cfg['num_rounds']}")
     f = cfg["fraction_train"]
     need(0 < f <= 1, "fraction_train", f"must be in (0, 1], got {f}")

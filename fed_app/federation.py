@@ -140,14 +140,14 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     local = cfg["strategy"]["flower"]["codebook_update"] == "local"
     init_bytes = 0 if local else initialise_codebooks(grid, state, spec, cfg, timeout)
 
-    n = int(cfg["num_clients"])
     strategy = instantiate(
         cfg["strategy"]["flower"],
         fraction_train=float(cfg["fraction_train"]),
         fraction_evaluate=1.0,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=n,
+        min_available_nodes=int(cfg["min_clients"]),  # Flower waits (forever) for this many
+        min_replies=int(cfg["min_clients"]),
         seed=int(cfg["seed"]),
     )
     evaluator = RoundEvaluator(grid, strategy, cfg, data.queries, timeout)
@@ -176,6 +176,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         "rounds": evaluator.rounds,
         "config": cfg,
         "wall_time_s": round(time.time() - t0, 2),
+        "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},
         "model_bytes": int(sum(a.nbytes for a in arrays_of(result.arrays).values())) if result.arrays else 0,
     }
     path = write_summary(out_dir, summary)

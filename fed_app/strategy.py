@@ -33,10 +33,15 @@ MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
 class CodebookMixin:
     """Codebook federation for a FedAvg-family strategy (put it first in the bases)."""
 
-    def __init__(self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "split", seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "split", seed: int = 0, min_replies: int = 1, **kwargs
+    ) -> None:
         if codebook_update not in MODES:
             raise ValueError(f"codebook_update={codebook_update!r} must be one of {MODES}")
         super().__init__(*args, **kwargs)
+        self.min_replies = min_replies
+        self._sent: dict[int, list[int]] = {}
+        self.missing: dict[int, list[int]] = {}
         self.codebook_update = codebook_update
         self.local_iters = local_iters
         self.empty = empty
@@ -54,24 +59,39 @@ class CodebookMixin:
         books = record_of(self._codebooks)
         for msg in messages:
             msg.content["codebooks"] = books
+        self._sent[server_round] = sorted(msg.metadata.dst_node_id for msg in messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        updates, weights, nbytes = [], [], []
+        updates, weights, nbytes, answered = [], [], [], set()
         for msg in replies:
             if msg.has_error():
+                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
+            answered.add(msg.metadata.src_node_id)
             nbytes.append(sum(record_nbytes(r) for r in msg.content.array_records.values()))
             updates.append(arrays_of(msg.content.array_records.pop("codebook-update")))
             weights.append(float(next(iter(msg.content.metric_records.values()))["num-examples"]))
-        encoder, metrics = super().aggregate_train(server_round, replies)
+        sent = self._sent.get(server_round, [])
+        self.missing[server_round] = [n for n in sent if n not in answered]
+        if self.missing[server_round]:
+            log(
+                WARNING, "round %d: no usable reply from node(s) %s (died, failed or timed out); aggregating %d of %d",
+                server_round, self.missing[server_round], len(answered), len(sent),
+            )
+        if len(answered) < self.min_replies:
+            log(WARNING, "round %d: %d replies < min_clients=%d, global model unchanged", server_round, len(answered), self.min_replies)
+            self.round_log[server_round] = {"clients": float(len(answered)), "clients_missing": float(len(self.missing[server_round]))}
+            return None, None
+        encoder, metrics = super().aggregate_train(server_round, [m for m in replies if not m.has_error()])
         if encoder is None:
             log(WARNING, "round %d: no usable replies, global model unchanged", server_round)
             return None, metrics
         books, n_empty = self._merge_codebooks(updates, weights, server_round)
         self.round_log[server_round] = {
             "clients": float(len(updates)),
+            "clients_missing": float(len(self.missing[server_round])),
             "bytes_up_per_client": float(np.mean(nbytes)),
             "empty_centroids": float(n_empty),
         }

@@ -32,7 +32,10 @@ def test_three_clients_improve_distortion_and_write_summary(tiny_cfg, tmp_path, 
     d = [r["distortion"] for r in summary["rounds"]]
     assert d[-1] < d[0], d  # federated Lloyd rounds improve on the one-shot init
     assert all(b <= a + 1e-6 for a, b in zip(d, d[1:])), d  # Lloyd never increases SSE (identity encoder)
-    assert summary["final"]["federated"]["recall_10_at_10"] >= 0.9 * summary["final"]["centralized"]["recall_10_at_10"]
+    fed, central = summary["final"]["federated"], summary["final"]["centralized"]
+    # tiny data, 3 rounds, 100 queries: a sanity bound; the 0.99x target is benchmarked
+    assert fed["distortion"] <= 1.1 * central["distortion"], (fed, central)
+    assert fed["recall_10_at_10"] >= 0.8 * central["recall_10_at_10"], (fed, central)
     rows = (tmp_path / "rounds.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
 
