@@ -1,8 +1,14 @@
-"""Server side of evaluation: send queries to every shard, merge their top-k lists."""
+"""Server side of search: send queries to every shard, merge their answers.
+
+Two uses: evaluation during training (each shard answers from an index built with the
+current global state, plus exact top-k on its raw vectors as ground truth), and search
+of a deployed federation (each shard answers from its persisted, re-encoded store).
+Only ids and distances come back; hits are qualified by the node that holds them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
@@ -23,26 +29,107 @@ class MergedResults:
     missing: list[int]
 
 
-def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: int, config: ConfigRecord, timeout: float) -> MergedResults:
-    """One ``query`` message per node; global top-k merged from the per-shard top-k."""
+@dataclass
+class SearchResults:
+    """Global answer of a deployed federation: per query, hits sorted by distance.
+
+    kNN: ``distances``/``ids``/``nodes`` are [nq, k] (id -1, node 0 where fewer hits).
+    Range: ``lims`` [nq+1] delimits query i's hits in the flat arrays, as faiss does.
+    """
+
+    distances: np.ndarray
+    ids: np.ndarray
+    nodes: np.ndarray
+    answered: list[int]
+    missing: list[int]
+    lims: np.ndarray | None = None
+    model_versions: dict[int, int] = field(default_factory=dict)
+
+
+def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message], list[int], list[int]]:
+    """One query message per connected node; returns (ok replies, answered, missing)."""
     nodes = sorted(grid.get_node_ids())
-    content = RecordDict({"arrays": arrays, "queries": record_of({"vectors": queries}), "config": config})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    parts: dict[str, list[np.ndarray]] = {}
-    answered = []
+    ok = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             log(WARNING, "query: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        answered.append(reply.metadata.src_node_id)
+        else:
+            ok.append(reply)
+    answered = sorted(r.metadata.src_node_id for r in ok)
+    missing = sorted(set(nodes) - set(answered))
+    if missing:
+        log(WARNING, "query: no answer from node(s) %s; results cover the %d shard(s) that answered", missing, len(answered))
+    if not ok:
+        raise RuntimeError(f"query: no shard answered (nodes {nodes})")
+    return ok, answered, missing
+
+
+def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: int, config: ConfigRecord, timeout: float) -> MergedResults:
+    """Evaluation: global top-k merged from the per-shard top-k, compressed and exact."""
+    content = RecordDict({"arrays": arrays, "queries": record_of({"vectors": queries}), "config": config})
+    ok, answered, missing = _send(grid, content, timeout)
+    parts: dict[str, list[np.ndarray]] = {}
+    for reply in ok:
         for key, arr in reply.content["results"].items():
             parts.setdefault(key, []).append(arr.numpy())
-    missing = sorted(set(nodes) - set(answered))
-    if not answered:
-        raise RuntimeError(f"query: no shard answered (nodes {nodes})")
     return MergedResults(
         compressed=merge_topk(parts["compressed.distances"], parts["compressed.ids"], k),
         exact=merge_topk(parts["exact.distances"], parts["exact.ids"], k),
-        answered=sorted(answered),
+        answered=answered,
         missing=missing,
     )
+
+
+def merge_qualified(nodes: list[int], distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Global top-k over shards whose ids are only unique within a shard.
+
+    Each hit is tagged by its slot (shard, column) so merge_topk's ordering carries the
+    node along with the id.
+    """
+    slots = []
+    for s, i in enumerate(ids):
+        slot = s * i.shape[1] + np.arange(i.shape[1], dtype=np.int64)
+        slots.append(np.where(i < 0, -1, np.broadcast_to(slot, i.shape)))
+    d, slot = merge_topk(distances, slots, k)
+    flat_ids = np.concatenate(ids, axis=1)
+    flat_nodes = np.concatenate([np.full(i.shape, n, dtype=np.int64) for n, i in zip(nodes, ids)], axis=1)
+    pad = slot < 0
+    safe = np.where(pad, 0, slot)
+    out_ids = np.where(pad, -1, np.take_along_axis(flat_ids, safe, axis=1))
+    out_nodes = np.where(pad, 0, np.take_along_axis(flat_nodes, safe, axis=1))
+    return d, out_ids, out_nodes
+
+
+def merge_ranges(nodes: list[int], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All hits within the radius from every shard, per query sorted by distance."""
+    nq = parts[0][0].size - 1
+    lims, dists, ids, owners = [0], [], [], []
+    for q in range(nq):
+        d = np.concatenate([p[1][p[0][q] : p[0][q + 1]] for p in parts])
+        i = np.concatenate([p[2][p[0][q] : p[0][q + 1]] for p in parts])
+        o = np.concatenate([np.full(p[0][q + 1] - p[0][q], n, dtype=np.int64) for n, p in zip(nodes, parts)])
+        order = np.argsort(d, kind="stable")
+        dists.append(d[order]), ids.append(i[order]), owners.append(o[order])
+        lims.append(lims[-1] + d.size)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return np.asarray(lims, dtype=np.int64), cat(dists, np.float32), cat(ids, np.int64), cat(owners, np.int64)
+
+
+def search_federation(grid: Grid, queries: np.ndarray, config: ConfigRecord, timeout: float, k: int | None = None, radius: float | None = None) -> SearchResults:
+    """Search every shard's persisted store: kNN (``k``) or range (``radius``)."""
+    if (k is None) == (radius is None):
+        raise ValueError("give exactly one of k (top-k search) or radius (range search)")
+    config = ConfigRecord({**dict(config.items()), "mode": "search", **({"k": k} if k else {"radius": float(radius)})})
+    content = RecordDict({"queries": record_of({"vectors": queries}), "config": config})
+    ok, answered, missing = _send(grid, content, timeout)
+    nodes = [r.metadata.src_node_id for r in ok]
+    res = [{key: a.numpy() for key, a in r.content["results"].items()} for r in ok]
+    versions = {n: int(r.content["metrics"]["model-version"]) for n, r in zip(nodes, ok)}
+    if len(set(versions.values())) > 1:
+        log(WARNING, "search: shards are encoded with different model versions %s; their distances are not comparable", versions)
+    if k is not None:
+        d, i, o = merge_qualified(nodes, [r["distances"] for r in res], [r["ids"] for r in res], k)
+        return SearchResults(d, i, o, answered, missing, model_versions=versions)
+    lims, d, i, o = merge_ranges(nodes, [(r["lims"], r["distances"], r["ids"]) for r in res])
+    return SearchResults(d, i, o, answered, missing, lims=lims, model_versions=versions)

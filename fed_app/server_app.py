@@ -3,6 +3,7 @@
 Hydra overrides arrive through Flower's run config as one string::
 
     flwr run . --run-config 'overrides="num_rounds=3 partition=dirichlet"'
+    flwr run . <federation> --run-config 'mode="search" queries="/abs/q.npy" k=10'
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import compose_config
 from .federation import run_federation
+from .search_mode import run_search
 
 
 def make_server_app(cfg: dict, out_dir: Path) -> ServerApp:
@@ -35,5 +37,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = compose_config(str(rc.get("overrides", "")))
+    mode = str(rc.get("mode", "train"))
+    if mode not in ("train", "search"):
+        raise ValueError(f"run config mode={mode!r}: use \"train\" or \"search\"")
+    if mode == "search":
+        print(run_search(grid, dict(rc), float(cfg["timeout_s"])), flush=True)
+        return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
     print(run_federation(grid, cfg, out_dir), flush=True)

@@ -1,0 +1,51 @@
+"""Search a running federation: queries from a .npy file, merged answers to a file.
+
+    flwr run . <federation> --run-config 'mode="search" queries="/abs/q.npy"
+        results="/abs/hits.npz" k=10'          # or radius=0.5 for range search
+
+Every shard answers from its persisted store (encoded with the last global model it
+received); the server writes the merged, node-qualified hits with ``np.savez``.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from vector_index.datasets import load_npy_file
+
+from .federated_search import SearchResults, search_federation
+
+
+def save_results(res: SearchResults, path: Path) -> Path:
+    """``.npz`` with distances, ids, nodes (and lims for range search); a JSON sidecar
+    names the shards that answered and those that did not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"distances": res.distances, "ids": res.ids, "nodes": res.nodes}
+    if res.lims is not None:
+        arrays["lims"] = res.lims
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    info = {"answered": res.answered, "missing": res.missing, "model_versions": {str(n): v for n, v in res.model_versions.items()}}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+def run_search(grid: Grid, run_config: dict, timeout: float) -> Path:
+    queries = load_npy_file(str(run_config["queries"]), name="queries")
+    out = Path(str(run_config.get("results", "search_results.npz"))).expanduser().resolve()
+    radius = float(run_config.get("radius", 0.0))
+    k = int(run_config.get("k", 10))
+    if radius < 0 or (radius == 0 and k < 1):
+        raise ValueError(f"search needs k >= 1 (got {k}) or radius > 0 (got {radius})")
+    ranged = radius > 0
+    res = search_federation(grid, queries, ConfigRecord({}), timeout, k=None if ranged else k, radius=radius if ranged else None)
+    log(INFO, "search: %d queries answered by %d shard(s); missing %s", queries.shape[0], len(res.answered), res.missing or "none")
+    return save_results(res, out)
