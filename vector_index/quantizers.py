@@ -7,7 +7,7 @@ built here encodes exactly as faiss would after training to the same centroids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import faiss
 import numpy as np
@@ -15,26 +15,57 @@ import numpy as np
 from .validation import VectorError, check_pq_geometry
 
 
+KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")
+
+
 @dataclass(frozen=True)
 class IndexSpec:
-    """Which faiss index a shard builds from the global state."""
+    """Which faiss index a shard builds from the global state.
 
-    kind: str  # "flat" | "pq" | "ivfpq"
+    ``opqpq`` is PQ behind a rotation: in federated training the rotation is the shared
+    encoder, so :func:`build_index` builds the PQ part and the caller (or the store, via
+    :func:`with_transform`) applies the rotation. ``hnsw``/``hnswpq`` wrap an HNSW graph
+    in an id map because HNSW cannot take user ids itself.
+    """
+
+    kind: str  # one of KINDS
     m: int = 8
     nbits: int = 8
     nlist: int = 0
     nprobe: int = 1
+    hnsw_m: int = 32
+    ef_search: int = 64
+    ef_construction: int = 40
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flat", "pq", "ivfpq"):
-            raise VectorError(f"index kind {self.kind!r} is not one of flat, pq, ivfpq")
+        if self.kind not in KINDS:
+            raise VectorError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind == "ivfpq" and self.nlist < 1:
             raise VectorError(f"ivfpq needs nlist >= 1, got {self.nlist}")
+        if self.kind == "ivfpq" and not 1 <= self.nprobe <= self.nlist:
+            raise VectorError(f"ivfpq needs 1 <= nprobe <= nlist={self.nlist}, got nprobe={self.nprobe}")
+        for name in ("hnsw_m", "ef_search", "ef_construction"):
+            if getattr(self, name) < 1:
+                raise VectorError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IndexSpec":
+        """The inverse of ``dataclasses.asdict``; unknown keys are refused, not dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VectorError(f"index description has unknown field(s) {unknown}; known: {sorted(known)}")
+        if "kind" not in d:
+            raise VectorError("index description has no 'kind'")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @property
     def levels(self) -> tuple[str, ...]:
         """The codebook levels this index needs, coarse first (residuals depend on it)."""
-        return {"flat": (), "pq": ("pq",), "ivfpq": ("coarse", "pq")}[self.kind]
+        return {"ivfpq": ("coarse", "pq"), "flat": (), "hnsw": ()}.get(self.kind, ("pq",))
 
     def level_shape(self, level: str, d: int) -> tuple[int, int, int]:
         if level == "coarse":
@@ -44,11 +75,19 @@ class IndexSpec:
 
     def factory_string(self) -> str:
         """The faiss factory description of the centralized reference index."""
-        pq = f"PQ{self.m}x{self.nbits}np"
-        return {"flat": "Flat", "pq": pq, "ivfpq": f"IVF{self.nlist},{pq}"}[self.kind]
+        pq = f"PQ{self.m}x{self.nbits}"
+        return {
+            "flat": "Flat",
+            "pq": pq + "np",
+            "ivfpq": f"IVF{self.nlist},{pq}np",
+            "hnsw": f"HNSW{self.hnsw_m},Flat",
+            "hnswpq": f"HNSW{self.hnsw_m},{pq}",
+            "opqpq": f"OPQ{self.m},{pq}np",
+        }[self.kind]
 
     def code_size(self, d: int) -> int:
-        if self.kind == "flat":
+        """Bytes per vector of the codes (HNSW graph links, ~8*hnsw_m bytes, not included)."""
+        if self.kind in ("flat", "hnsw"):
             return 4 * d
         return (self.m * self.nbits + 7) // 8
 
@@ -105,37 +144,133 @@ def squared_errors(x: np.ndarray, codebooks: dict[str, np.ndarray]) -> np.ndarra
     return ((x - reconstruct(x, codebooks)) ** 2).sum(axis=1)
 
 
-def build_index(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict[str, np.ndarray]) -> faiss.Index:
-    """A searchable faiss index over ``x`` from injected (not trained) codebooks."""
-    d = x.shape[1]
-    if spec.kind == "flat":
-        index: faiss.Index = faiss.IndexIDMap(faiss.IndexFlatL2(d))
-    elif spec.kind == "pq":
+def check_codebooks(spec: IndexSpec, d: int, codebooks: dict[str, np.ndarray], strict: bool = False) -> dict[str, np.ndarray]:
+    """The levels ``spec`` needs as float32 arrays of the right shape, or a VectorError.
+
+    ``strict`` also refuses levels the index would ignore (a store should not persist
+    arrays it never uses: they would suggest an encoding that is not there).
+    """
+    missing = [lvl for lvl in spec.levels if lvl not in codebooks]
+    if missing:
+        raise VectorError(f"{spec.kind} index needs codebook level(s) {missing}; got {sorted(codebooks)}")
+    extra = sorted(set(codebooks) - set(spec.levels))
+    if strict and extra:
+        raise VectorError(f"{spec.kind} index uses levels {list(spec.levels)}; unexpected level(s) {extra}")
+    out = {}
+    for level in spec.levels:
+        book = np.asarray(codebooks[level])
+        expected = spec.level_shape(level, d)
+        if book.shape != expected:
+            raise VectorError(f"codebook level {level!r}: shape {book.shape} does not match {expected} for d={d}")
+        if book.dtype not in (np.float32, np.float64) or not np.isfinite(book).all():
+            raise VectorError(f"codebook level {level!r}: must be finite float32/float64 (dtype {book.dtype})")
+        out[level] = np.ascontiguousarray(book, dtype=np.float32)
+    return out
+
+
+def empty_index(spec: IndexSpec, d: int, codebooks: dict[str, np.ndarray]) -> faiss.Index:
+    """An empty, ready-to-add faiss index taking user ids, codebooks injected (not trained)."""
+    books = check_codebooks(spec, d, codebooks)
+    if spec.kind in ("flat", "hnsw"):
+        inner: faiss.Index = faiss.IndexFlatL2(d) if spec.kind == "flat" else faiss.IndexHNSWFlat(d, spec.hnsw_m)
+    elif spec.kind in ("pq", "opqpq"):
         inner = faiss.IndexPQ(d, spec.m, spec.nbits)
-        inject_codebook(inner.pq, codebooks["pq"])
+        inject_codebook(inner.pq, books["pq"])
         inner.is_trained = True
-        index = faiss.IndexIDMap(inner)
-    else:
+    elif spec.kind == "hnswpq":
+        inner = faiss.IndexHNSWPQ(d, spec.m, spec.hnsw_m, spec.nbits)
+        storage = faiss.downcast_index(inner.storage)
+        inject_codebook(storage.pq, books["pq"])
+        storage.pq.compute_sdc_table()  # graph construction compares codes with codes
+        storage.is_trained = inner.is_trained = True
+    else:  # ivfpq stores ids itself
         quantizer = faiss.IndexFlatL2(d)
-        quantizer.add(np.ascontiguousarray(codebooks["coarse"][0]))
+        quantizer.add(books["coarse"][0])
         index = faiss.IndexIVFPQ(quantizer, d, spec.nlist, spec.m, spec.nbits)
-        inject_codebook(index.pq, codebooks["pq"])
+        inject_codebook(index.pq, books["pq"])
         index.is_trained = True
         index.precompute_table()
         index.nprobe = spec.nprobe
+        return index
+    if spec.kind.startswith("hnsw"):
+        inner.hnsw.efSearch = spec.ef_search
+        inner.hnsw.efConstruction = spec.ef_construction
+    return faiss.IndexIDMap(inner)
+
+
+def build_index(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict[str, np.ndarray]) -> faiss.Index:
+    """A searchable faiss index over ``x`` from injected (not trained) codebooks.
+
+    For ``opqpq`` ``x`` must already be rotated (see :func:`with_transform`).
+    """
+    index = empty_index(spec, x.shape[1], codebooks)
     index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
     return index
+
+
+def check_transform(a: np.ndarray, b: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A [d, d], b [d]) as finite float32, or a VectorError (the encoder keeps dimension d)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != (d, d) or b.shape != (d,):
+        raise VectorError(f"encoder transform: expected A {(d, d)} and b {(d,)}, got A {a.shape} and b {b.shape}")
+    for name, arr in (("A", a), ("b", b)):
+        if arr.dtype not in (np.float32, np.float64) or not np.isfinite(arr).all():
+            raise VectorError(f"encoder transform: {name} must be finite float32/float64 (dtype {arr.dtype})")
+    return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+
+
+def with_transform(index: faiss.Index, a: np.ndarray, b: np.ndarray) -> faiss.IndexPreTransform:
+    """``index`` behind z = x @ A.T + b, so faiss encodes stored vectors and queries alike.
+
+    ``index`` must be empty: vectors added before the wrap would not have been encoded.
+    """
+    if index.ntotal:
+        raise VectorError("with_transform: wrap the index before adding vectors")
+    d = index.d
+    a, b = check_transform(a, b, d)
+    lt = faiss.LinearTransform(d, d, True)
+    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    return faiss.IndexPreTransform(lt, index)
 
 
 def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int) -> faiss.Index:
     """Centralized faiss index trained on pooled data: the reference to compare with."""
     index = faiss.index_factory(x.shape[1], spec.factory_string())
-    if spec.kind != "flat":
-        inner = faiss.downcast_index(index)
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if spec.kind == "opqpq" else outer
+    if spec.kind in ("hnsw", "hnswpq"):
+        inner.hnsw.efSearch = spec.ef_search
+        inner.hnsw.efConstruction = spec.ef_construction
+    if spec.kind == "hnswpq":
+        faiss.downcast_index(inner.storage).pq.cp.seed = seed
+    elif spec.kind in ("pq", "ivfpq", "opqpq"):
         inner.pq.cp.seed = seed
-        if spec.kind == "ivfpq":
-            inner.cp.seed = seed
-            inner.nprobe = spec.nprobe
+    if spec.kind == "ivfpq":
+        inner.cp.seed = seed
+        inner.nprobe = spec.nprobe
     index.train(x)
     index.add(x)
     return index
+
+
+def reference_codebooks(spec: IndexSpec, index: faiss.Index) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """The codebooks (and, for opqpq, the rotation as (A, b)) of a trained reference index.
+
+    Lets a store or benchmark inject centrally trained codebooks exactly as federated ones.
+    """
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if spec.kind == "opqpq" else outer
+    books: dict[str, np.ndarray] = {}
+    if "pq" in spec.levels:
+        pq = faiss.downcast_index(inner.storage).pq if spec.kind == "hnswpq" else inner.pq
+        books["pq"] = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+    if spec.kind == "ivfpq":
+        books["coarse"] = inner.quantizer.reconstruct_n(0, inner.nlist)[None]
+    transform = None
+    if spec.kind == "opqpq":
+        opq = faiss.downcast_VectorTransform(outer.chain.at(0))
+        a = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
+        transform = (a, np.zeros(opq.d_out, dtype=np.float32))
+    return books, transform
