@@ -131,8 +131,8 @@ def train_encoder(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            totals["task_loss"] += float(task)
-            totals["pq_loss"] += float(pq)
-            totals["l1_loss"] += float(l1)
+            totals["task_loss"] += task.item()
+            totals["pq_loss"] += pq.item()
+            totals["l1_loss"] += l1.item()
             steps += 1
     return weights_of(model), {k: v / max(steps, 1) for k, v in totals.items()}

@@ -12,6 +12,7 @@ import numpy as np
 from faiss.contrib.clustering import DatasetAssign, reassign_centroids
 
 from vector_index.quantizers import split_subspaces
+from vector_index.validation import VectorError, check_vectors
 
 
 def lloyd_statistics(x: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -20,6 +21,7 @@ def lloyd_statistics(x: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, n
     Summing these over shards and dividing gives exactly one Lloyd step on the union.
     """
     m, k, dsub = codebook.shape
+    x = check_vectors(x, dim=m * dsub, name="shard vectors")
     sums = np.zeros((m, k, dsub), dtype=np.float64)
     counts = np.zeros((m, k), dtype=np.int64)
     sse = 0.0
@@ -69,7 +71,10 @@ def local_centroids(x: np.ndarray, m: int, k: int, niter: int, seed: int) -> tup
     ``k' = min(k, n)``: a client with fewer vectors than centroids sends its
     sub-vectors themselves (each with count 1), so it still contributes.
     """
-    n = x.shape[0]
+    x = check_vectors(x, name="shard vectors")
+    n, d = x.shape
+    if m < 1 or d % m != 0:
+        raise VectorError(f"shard vectors: dimension d={d} is not divisible by M={m}")
     kk = min(k, n)
     subs = split_subspaces(x, m)
     cents = np.zeros((m, kk, subs.shape[2]), dtype=np.float32)

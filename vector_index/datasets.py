@@ -58,11 +58,13 @@ def load_glove(num_base: int | None, num_queries: int, seed: int, normalise: boo
 
 def load_npy_file(path: str | Path, name: str = "vectors") -> np.ndarray:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise VectorError(f"{name}: file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise VectorError(f"{name}: {str(p)!r} is not a file")
     try:
         x = np.load(p, allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError, OSError) as exc:  # EOFError: an empty file
         raise VectorError(f"{name}: {str(p)!r} is not a readable .npy array ({exc})") from exc
     return check_vectors(x, name=f"{name} ({p})")
 

@@ -20,12 +20,15 @@ def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tu
 
 def recall_1_at_r(found: np.ndarray, truth: np.ndarray, r: int) -> float:
     """Fraction of queries whose true nearest neighbour is in the first r results."""
-    return float((found[:, :r] == truth[:, :1]).any(axis=1).mean())
+    return float(((found[:, :r] == truth[:, :1]) & (truth[:, :1] >= 0)).any(axis=1).mean())
 
 
 def recall_k_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean overlap of the first k results with the true first k, divided by k."""
-    hits = [np.intersect1d(f[:k], t[:k]).size for f, t in zip(found, truth)]
+    """Mean overlap of the first k results with the true first k, divided by k.
+
+    Padding ids (-1) are not neighbours: a padded slot never counts as a hit.
+    """
+    hits = [np.intersect1d(f[:k][f[:k] >= 0], t[:k]).size for f, t in zip(found, truth)]
     return float(np.mean(hits) / k)
 
 

@@ -1,0 +1,194 @@
+"""Injected codebooks (vector_index.quantizers) encode and search exactly like trained faiss."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from vector_index.quantizers import (
+    IndexSpec,
+    build_index,
+    make_product_quantizer,
+    reconstruct,
+    residuals,
+    split_subspaces,
+    squared_errors,
+)
+from vector_index.validation import VectorError
+
+N, NQ, D, M, NBITS, NLIST = 2000, 50, 16, 4, 6, 8
+K = 1 << NBITS
+DSUB = D // M
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, D)).astype(np.float32)
+    labels = rng.integers(12, size=N + NQ)
+    x = (centres[labels] + 0.4 * rng.normal(size=(N + NQ, D))).astype(np.float32)
+    return np.ascontiguousarray(x[:N]), np.ascontiguousarray(x[N:])
+
+
+@pytest.fixture(scope="module")
+def trained_pq(data) -> faiss.IndexPQ:
+    x, _ = data
+    index = faiss.IndexPQ(D, M, NBITS)
+    index.pq.cp.seed = 1
+    index.train(x)
+    index.add(x)
+    return index
+
+
+@pytest.fixture(scope="module")
+def trained_ivfpq(data) -> faiss.IndexIVFPQ:
+    x, _ = data
+    quantizer = faiss.IndexFlatL2(D)
+    index = faiss.IndexIVFPQ(quantizer, D, NLIST, M, NBITS)
+    index.cp.seed = 1
+    index.pq.cp.seed = 1
+    index.train(x)
+    index.add(x)
+    index.nprobe = 3
+    assert index.by_residual
+    return index
+
+
+def pq_codebook(pq: faiss.ProductQuantizer) -> np.ndarray:
+    return faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+
+
+def test_injected_quantizer_encodes_byte_for_byte(data, trained_pq):
+    x, q = data
+    cb = pq_codebook(trained_pq.pq)
+    assert cb.shape == (M, K, DSUB)
+    pq = make_product_quantizer(cb)
+    assert (pq.M, pq.nbits, pq.dsub) == (M, NBITS, DSUB)
+    np.testing.assert_array_equal(pq_codebook(pq), cb)
+    for v in (x, q):
+        np.testing.assert_array_equal(pq.compute_codes(v), trained_pq.pq.compute_codes(v))
+
+
+def test_injected_pq_index_searches_identically(data, trained_pq):
+    x, q = data
+    cb = pq_codebook(trained_pq.pq)
+    index = build_index(IndexSpec("pq", m=M, nbits=NBITS), x, np.arange(N), {"pq": cb})
+    assert index.ntotal == N
+    stored = faiss.vector_to_array(faiss.downcast_index(index.index).codes)
+    np.testing.assert_array_equal(stored, faiss.vector_to_array(trained_pq.codes))
+    d_ref, i_ref = trained_pq.search(q, 10)
+    d, i = index.search(q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    # same codes; the distance tables differ only in float summation order
+    # (injection fills pq.transposed_centroids, training does not)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_injected_pq_index_reports_given_ids(data, trained_pq):
+    x, q = data
+    cb = pq_codebook(trained_pq.pq)
+    ids = np.arange(N, dtype=np.int64) * 7 + 1000
+    index = build_index(IndexSpec("pq", m=M, nbits=NBITS), x, ids, {"pq": cb})
+    _, i_ref = trained_pq.search(q, 5)
+    _, i = index.search(q, 5)
+    np.testing.assert_array_equal(i, ids[i_ref])
+
+
+def ivfpq_codebooks(index: faiss.IndexIVFPQ) -> dict[str, np.ndarray]:
+    coarse = index.quantizer.reconstruct_n(0, index.nlist)
+    return {"coarse": coarse[None].astype(np.float32), "pq": pq_codebook(index.pq)}
+
+
+def test_injected_ivfpq_index_searches_identically(data, trained_ivfpq):
+    x, q = data
+    cbs = ivfpq_codebooks(trained_ivfpq)
+    assert cbs["coarse"].shape == (1, NLIST, D)
+    spec = IndexSpec("ivfpq", m=M, nbits=NBITS, nlist=NLIST, nprobe=3)
+    index = build_index(spec, x, np.arange(N), cbs)
+    assert index.ntotal == N
+    ivf = faiss.extract_index_ivf(index)
+    for lst in range(NLIST):  # same vectors in the same lists, with the same codes
+        assert ivf.invlists.list_size(lst) == trained_ivfpq.invlists.list_size(lst)
+        n = ivf.invlists.list_size(lst)
+        codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), n * ivf.code_size).copy()
+        ref = faiss.rev_swig_ptr(trained_ivfpq.invlists.get_codes(lst), n * ivf.code_size).copy()
+        np.testing.assert_array_equal(codes, ref)
+    d_ref, i_ref = trained_ivfpq.search(q, 10)
+    d, i = index.search(q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ivfpq_nprobe_is_applied(data, trained_ivfpq):
+    x, q = data
+    cbs = ivfpq_codebooks(trained_ivfpq)
+    index = build_index(IndexSpec("ivfpq", m=M, nbits=NBITS, nlist=NLIST, nprobe=NLIST), x, np.arange(N), cbs)
+    assert faiss.extract_index_ivf(index).nprobe == NLIST
+
+
+def test_pq_reconstruction_error_equals_faiss(data, trained_pq):
+    x, _ = data
+    cb = pq_codebook(trained_pq.pq)
+    ref = trained_pq.pq.decode(trained_pq.pq.compute_codes(x))
+    np.testing.assert_allclose(reconstruct(x, {"pq": cb}), ref, rtol=1e-6, atol=1e-6)
+    err = squared_errors(x, {"pq": cb})
+    assert err.shape == (N,)
+    np.testing.assert_allclose(err, ((x - ref) ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)
+    assert err.mean() > 0
+
+
+def test_ivfpq_reconstruction_error_equals_faiss(data, trained_ivfpq):
+    x, _ = data
+    cbs = ivfpq_codebooks(trained_ivfpq)
+    ref = np.zeros_like(x)
+    trained_ivfpq.make_direct_map()
+    for row in range(N):
+        ref[row] = trained_ivfpq.reconstruct(row)
+    np.testing.assert_allclose(reconstruct(x, cbs), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(squared_errors(x, cbs), ((x - ref) ** 2).sum(axis=1), rtol=1e-4, atol=1e-5)
+    # the coarse level alone is a much worse reconstruction than coarse + PQ
+    assert squared_errors(x, {"coarse": cbs["coarse"]}).mean() > squared_errors(x, cbs).mean()
+
+
+def test_residuals_are_relative_to_nearest_coarse_centroid(data, trained_ivfpq):
+    x, _ = data
+    coarse = ivfpq_codebooks(trained_ivfpq)["coarse"]
+    r = residuals(x, coarse)
+    _, assign = trained_ivfpq.quantizer.search(x, 1)
+    np.testing.assert_allclose(r, x - coarse[0][assign.ravel()], rtol=1e-6, atol=1e-6)
+
+
+def test_flat_reconstruction_is_exact(data):
+    x, _ = data
+    assert squared_errors(x, {}).max() == 0.0
+
+
+def test_split_subspaces_layout():
+    x = np.arange(2 * 8, dtype=np.float32).reshape(2, 8)
+    s = split_subspaces(x, 4)
+    assert s.shape == (4, 2, 2)
+    np.testing.assert_array_equal(s[1, 0], [2, 3])
+    np.testing.assert_array_equal(s[3, 1], [14, 15])
+    assert s.flags["C_CONTIGUOUS"]
+
+
+def test_non_power_of_two_codebook_is_refused():
+    with pytest.raises(VectorError, match="power of 2"):
+        make_product_quantizer(np.zeros((4, 10, 4), dtype=np.float32))
+
+
+def test_codebook_of_wrong_shape_is_refused(data):
+    x, _ = data
+    with pytest.raises(VectorError, match="does not match"):
+        build_index(IndexSpec("pq", m=M, nbits=NBITS), x, np.arange(N), {"pq": np.zeros((M, K, DSUB + 1), np.float32)})
+
+
+def test_index_spec_geometry():
+    spec = IndexSpec("ivfpq", m=M, nbits=NBITS, nlist=NLIST)
+    assert spec.levels == ("coarse", "pq")
+    assert spec.level_shape("coarse", D) == (1, NLIST, D)
+    assert spec.level_shape("pq", D) == (M, K, DSUB)
+    assert spec.code_size(D) == (M * NBITS + 7) // 8
+    with pytest.raises(VectorError, match="nlist >= 1"):
+        IndexSpec("ivfpq", m=M, nbits=NBITS, nlist=0)
