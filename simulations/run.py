@@ -2,12 +2,24 @@
 
     python -m simulations.run num_rounds=5 partition=dirichlet
     python -m simulations.run -m strategy=fedlloyd,avg_refined num_clients=10,50
+    python -m simulations.report multirun/<date>/<time>     # table + plots of a sweep
+
+Every run writes ``timing.json`` (job wall time, status) into its directory, and a run
+that raises writes ``failed.json`` (overrides, error type, message, traceback) instead of
+``summary.json``. A failed run does not stop a sweep: every combination runs, and the
+process exits non-zero at the end if any of them failed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import hydra
 from flwr.simulation import run_simulation
@@ -37,11 +49,70 @@ def simulate(cfg: dict, out_dir: Path) -> Path:
     return path
 
 
+log = logging.getLogger(__name__)
+FAILED_FILE, TIMING_FILE = "failed.json", "timing.json"
+_failures: list[dict[str, Any]] = []  # this process's failed runs (a multirun runs them all here)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    print(simulate(to_plain(cfg), out_dir), flush=True)
+def main(cfg: DictConfig) -> str | None:
+    """One Hydra job. Never raises an ordinary error: a failure is written to failed.json,
+    logged, and remembered, so Hydra goes on with the next combination of a sweep."""
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    job = {"overrides": overrides, "job_num": hc.job.get("num"), "output_dir": str(out_dir)}
+    (out_dir / FAILED_FILE).unlink(missing_ok=True)  # a stale failure from an earlier run here
+    started, t0 = _now(), time.perf_counter()
+    try:
+        path = simulate(to_plain(cfg), out_dir)
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:  # SystemExit: a library calling sys.exit must not end the sweep
+        wall = round(time.perf_counter() - t0, 3)
+        failure = {
+            **job,
+            "status": "failed",
+            "error_type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+            "started": started,
+            "wall_time_s": wall,
+        }
+        _write_json(out_dir / FAILED_FILE, failure)
+        _write_json(out_dir / TIMING_FILE, {"status": "failed", "started": started, "finished": _now(), "wall_time_s": wall})
+        _failures.append(failure)
+        log.error(
+            "RUN FAILED [%s] %s: %s\n%s  (written to %s)",
+            " ".join(overrides) or "(no overrides)", type(exc).__name__, exc, failure["traceback"], out_dir / FAILED_FILE,
+        )
+        return None
+    wall = round(time.perf_counter() - t0, 3)
+    _write_json(out_dir / TIMING_FILE, {"status": "ok", "started": started, "finished": _now(), "wall_time_s": wall})
+    print(path, flush=True)
+    return str(path)
+
+
+def cli() -> int:
+    """Run main() (one run, or every combination with -m); 1 if any run failed."""
+    _failures.clear()
+    main()
+    if not _failures:
+        return 0
+    lines = [f"{len(_failures)} run(s) failed:"]
+    lines += [f"  {f['output_dir']}  [{' '.join(f['overrides'])}]  {f['error_type']}: {f['message']}" for f in _failures]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
