@@ -1,0 +1,204 @@
+"""Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode}``.
+
+Errors print one line to stderr and exit with status 2; a failed import into a new
+directory removes what it created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .quantizers import IndexSpec, reference_codebooks, train_reference_index
+from .store import Shard
+from .validation import VectorError
+from .vector_files import read_ids, read_vectors
+
+SPEC_OPTIONS = ("m", "nbits", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction")
+
+
+def read_model(path: str) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None, int | None]:
+    """Codebooks (+ encoder) from an .npz: keys ``pq``/``coarse`` (or ``level.*``), ``A``/``b``
+    (or ``transform.*``) and an optional scalar ``model_version``."""
+    p = Path(path)
+    if not p.is_file():
+        raise VectorError(f"codebooks: file {str(p)!r} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k.split(".", 1)[-1]: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise VectorError(f"codebooks: {str(p)!r} is not a readable .npz ({exc})") from None
+    transform = (arrays.pop("A"), arrays.pop("b")) if "A" in arrays else None
+    version = arrays.pop("model_version", None)
+    return arrays, transform, None if version is None else int(version)
+
+
+def spec_from_args(args: argparse.Namespace) -> IndexSpec:
+    given = {k: getattr(args, k) for k in SPEC_OPTIONS if getattr(args, k) is not None}
+    return IndexSpec(args.index or "flat", **given)
+
+
+def check_spec_matches(shard: Shard, args: argparse.Namespace) -> None:
+    """Options given for an existing shard must agree with it (they cannot change it)."""
+    asked = {k: getattr(args, k) for k in ("index", *SPEC_OPTIONS) if getattr(args, k) is not None}
+    have = {**shard.spec.to_dict(), "index": shard.spec.kind}
+    differ = {k: (v, have[k]) for k, v in asked.items() if have[k] != v}
+    if differ:
+        detail = ", ".join(f"--{k.replace('_', '-')} {v} (shard has {h})" for k, (v, h) in differ.items())
+        raise VectorError(f"{shard.path}: existing shard differs from the options: {detail}")
+
+
+def train_local(shard: Shard, seed: int) -> None:
+    """Codebooks trained by faiss on this shard alone (for use without a federation)."""
+    x = shard.vectors(shard.ids)
+    books, transform = reference_codebooks(shard.spec, train_reference_index(shard.spec, x, seed))
+    shard.reencode(books, transform, model_version=0)
+
+
+def remove_created(root: Path, existed: bool) -> None:
+    """Undo Shard.create: the directory, or only its contents if it existed (empty) before."""
+    if not existed:
+        shutil.rmtree(root)
+        return
+    for p in root.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    x = read_vectors(args.vectors)
+    ids = read_ids(args.ids) if args.ids else None
+    root = Path(args.shard)
+    existed = root.exists()
+    if (root / "CURRENT").exists():
+        shard = Shard.open(root)
+        check_spec_matches(shard, args)
+        fresh = False
+    else:
+        books, transform, version = read_model(args.codebooks) if args.codebooks else (None, None, None)
+        shard = Shard.create(root, x.shape[1], spec_from_args(args), codebooks=books, transform=transform,
+                             model_version=version)
+        fresh = True
+    try:
+        if args.codebooks and not fresh:
+            books, transform, version = read_model(args.codebooks)
+            shard.reencode(books, transform, version if version is not None else (shard.model_version or 0) + 1)
+        if args.upsert:
+            if ids is None:
+                raise VectorError("--upsert needs --ids (which vectors to replace)")
+            shard.upsert(x, ids)
+        else:
+            ids = shard.add(x, ids)
+        if args.train_local:
+            train_local(shard, args.seed)
+        shard.save()
+    except BaseException:
+        if fresh:  # do not leave an empty shard behind a failed first import
+            remove_created(root, existed)
+        raise
+    print(f"{'upserted' if args.upsert else 'added'} {x.shape[0]} vectors (ids {ids.min()}..{ids.max()}) "
+          f"into {root}: {len(shard)} vectors, {shard.spec.kind}, version {shard.version}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    shard = Shard.open(args.shard)
+    manifest = json.loads((shard.path / f"v{shard.version:06d}" / "manifest.json").read_text())
+    print(json.dumps({"manifest": manifest, "stats": shard.stats()}, indent=2, sort_keys=True))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    shard = Shard.open(args.shard)
+    q = read_vectors(args.queries, "queries")
+    distances, ids = shard.search(q, args.k)
+    if args.out:
+        np.savez(args.out, distances=distances, ids=ids)
+        print(f"wrote {q.shape[0]} x {args.k} results to {args.out}")
+    shown = q.shape[0] if args.show is None else min(args.show, q.shape[0])
+    for i in range(shown):
+        print(f"{i}\t" + " ".join(f"{j}:{d:.6g}" for j, d in zip(ids[i], distances[i]) if j >= 0))
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    if (args.ids is None) == (args.ids_file is None):
+        raise VectorError("give the ids to delete with exactly one of --ids or --ids-file")
+    ids = np.array(args.ids, dtype=np.int64) if args.ids is not None else read_ids(args.ids_file)
+    shard = Shard.open(args.shard)
+    shard.delete(ids)
+    shard.save()
+    print(f"deleted {np.unique(ids).size} vectors from {args.shard}: {len(shard)} left, version {shard.version}")
+
+
+def cmd_reencode(args: argparse.Namespace) -> None:
+    shard = Shard.open(args.shard)
+    books, transform, version = read_model(args.codebooks)
+    if args.model_version is not None:
+        version = args.model_version
+    if version is None:
+        raise VectorError("model version unknown: pass --model-version or store model_version in the .npz")
+    shard.reencode(books, transform, version)
+    shard.save()
+    print(f"re-encoded {len(shard)} vectors of {args.shard} with model version {version}, version {shard.version}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vector_index", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="create a shard or add vectors to it")
+    imp.add_argument("vectors", help=".npy or .fvecs file of float vectors")
+    imp.add_argument("shard", help="shard directory (created if missing)")
+    imp.add_argument("--ids", help=".npy or .ivecs ids (default: numbered after the largest id)")
+    imp.add_argument("--upsert", action="store_true", help="replace vectors whose ids exist")
+    imp.add_argument("--index", choices=["flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq"],
+                     help="index kind of a new shard (default flat)")
+    for name, what in (("m", "PQ sub-spaces"), ("nbits", "bits per PQ code"), ("nlist", "IVF lists"),
+                       ("nprobe", "IVF lists searched"), ("hnsw_m", "HNSW neighbours"),
+                       ("ef_search", "HNSW search beam"), ("ef_construction", "HNSW build beam")):
+        imp.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=what)
+    imp.add_argument("--codebooks", help=".npz with the global codebooks (pq, coarse, A, b, model_version)")
+    imp.add_argument("--train-local", action="store_true", help="train codebooks on this shard alone with faiss")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.set_defaults(run=cmd_import)
+
+    info = sub.add_parser("info", help="print the manifest and stats as JSON")
+    info.add_argument("shard")
+    info.set_defaults(run=cmd_info)
+
+    srch = sub.add_parser("search", help="k nearest neighbours of each query")
+    srch.add_argument("shard")
+    srch.add_argument("queries", help=".npy or .fvecs file of queries")
+    srch.add_argument("-k", type=int, default=10)
+    srch.add_argument("--out", help="write distances and ids to this .npz")
+    srch.add_argument("--show", type=int, help="print only the first N queries' results")
+    srch.set_defaults(run=cmd_search)
+
+    dele = sub.add_parser("delete", help="remove vectors by id")
+    dele.add_argument("shard")
+    dele.add_argument("--ids", type=int, nargs="+")
+    dele.add_argument("--ids-file")
+    dele.set_defaults(run=cmd_delete)
+
+    reen = sub.add_parser("reencode", help="re-encode with new global codebooks")
+    reen.add_argument("shard")
+    reen.add_argument("codebooks", help=".npz (pq, coarse, A, b, model_version)")
+    reen.add_argument("--model-version", type=int)
+    reen.set_defaults(run=cmd_reencode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (VectorError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
