@@ -56,7 +56,8 @@ def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message
             log(WARNING, "query: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
         else:
             ok.append(reply)
-    answered = sorted(r.metadata.src_node_id for r in ok)
+    ok.sort(key=lambda r: r.metadata.src_node_id)  # equal distances merge in node order
+    answered = [r.metadata.src_node_id for r in ok]
     missing = sorted(set(nodes) - set(answered))
     if missing:
         log(WARNING, "query: no answer from node(s) %s; results cover the %d shard(s) that answered", missing, len(answered))

@@ -6,6 +6,7 @@ initialisation before them and the federated query evaluation after each of them
 
 from __future__ import annotations
 
+import hashlib
 import time
 from logging import INFO
 from pathlib import Path
@@ -56,7 +57,9 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
         config["init-level"] = level
         content = RecordDict({"arrays": state.to_record(), "config": config})
         replies = [r for r in grid.send_and_receive([Message(content=content, message_type="train.init", dst_node_id=n) for n in nodes], timeout=timeout)]
-        ok = [r for r in replies if not r.has_error()]
+        # replies arrive in any order; sort them by content so the server's k-means
+        # sees the same input every run (a seed alone does not make it reproducible)
+        ok = sorted((r for r in replies if not r.has_error()), key=lambda r: hashlib.sha1(r.content["init"]["centroids"].numpy().tobytes()).hexdigest())
         for r in replies:
             if r.has_error():
                 log(INFO, "init: node %d failed: %s", r.metadata.src_node_id, r.error.reason)

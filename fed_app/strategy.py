@@ -15,6 +15,7 @@ Clients learn the mode from the ``strategy.*`` keys every message's config carri
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -28,6 +29,17 @@ from . import lloyd
 from .state import CODEBOOK, ENCODER, arrays_of, record_nbytes, record_of
 
 MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
+
+
+def _content_digest(msg: Message) -> str:
+    """A reply's identity by content: sorting by it makes aggregation reproducible."""
+    if msg.has_error():
+        return ""
+    h = hashlib.sha1()
+    for name, record in sorted(msg.content.array_records.items()):
+        for key, arr in sorted(record.items()):
+            h.update(name.encode() + key.encode() + arr.numpy().tobytes())
+    return h.hexdigest()
 
 
 class CodebookMixin:
@@ -63,7 +75,7 @@ class CodebookMixin:
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = sorted(replies, key=_content_digest)  # arrival order must not change sums
         updates, weights, nbytes, answered = [], [], [], set()
         for msg in replies:
             if msg.has_error():

@@ -83,11 +83,13 @@ def test_merge_shards_with_different_k():
     np.testing.assert_array_equal(d, [[1.0, 2.0, 3.0, 4.0]])
 
 
-def test_ties_keep_shard_order():
-    d1 = np.array([[1.0]], dtype=np.float32)
-    d2 = np.array([[1.0]], dtype=np.float32)
-    d, i = merge_topk([d1, d2], [np.array([[7]]), np.array([[3]])], 2)
-    np.testing.assert_array_equal(i, [[7, 3]])
+def test_ties_are_ordered_by_id_whatever_the_shard_order():
+    d1 = np.array([[1.0, 2.0]], dtype=np.float32)
+    d2 = np.array([[1.0, 2.0]], dtype=np.float32)
+    a = merge_topk([d1, d2], [np.array([[7, 1]]), np.array([[3, 9]])], 3)
+    b = merge_topk([d2, d1], [np.array([[3, 9]]), np.array([[7, 1]])], 3)
+    np.testing.assert_array_equal(a[1], [[3, 7, 1]])
+    np.testing.assert_array_equal(b[1], a[1])
 
 
 def test_recall_1_at_r_hand_made():

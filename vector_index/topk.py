@@ -8,13 +8,14 @@ import numpy as np
 def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k from per-shard top-k lists (each [nq, k_i], smaller distance first).
 
-    Shards holding fewer than k vectors pad with id -1; those slots sort last. Ties keep
-    shard order (stable sort), as a single index would keep insertion order.
+    Shards holding fewer than k vectors pad with id -1; those slots sort last. Equal
+    distances (frequent with PQ codes) are ordered by id, so the answer does not depend
+    on the order in which shards replied.
     """
     d = np.concatenate(distances, axis=1).astype(np.float32)
     i = np.concatenate(ids, axis=1).astype(np.int64)
     d = np.where(i < 0, np.inf, d)
-    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    order = np.lexsort((np.where(i < 0, np.iinfo(np.int64).max, i), d), axis=1)[:, :k]
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
