@@ -235,8 +235,11 @@ def with_transform(index: faiss.Index, a: np.ndarray, b: np.ndarray) -> faiss.In
     return faiss.IndexPreTransform(lt, index)
 
 
-def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int) -> faiss.Index:
-    """Centralized faiss index trained on pooled data: the reference to compare with."""
+def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int, add: bool = True) -> faiss.Index:
+    """Centralized faiss index trained on pooled data: the reference to compare with.
+
+    ``add=False`` only trains (e.g. to take its codebooks with :func:`reference_codebooks`).
+    """
     index = faiss.index_factory(x.shape[1], spec.factory_string())
     outer = faiss.downcast_index(index)
     inner = faiss.downcast_index(outer.index) if spec.kind == "opqpq" else outer
@@ -251,7 +254,8 @@ def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int) -> faiss.In
         inner.cp.seed = seed
         inner.nprobe = spec.nprobe
     index.train(x)
-    index.add(x)
+    if add:
+        index.add(x)
     return index
 
 
