@@ -219,6 +219,7 @@ BAD_CALLS = {
     "float ids": (lambda s, x, ids: s.add(x[:2], np.array([1.0, 2.0])), "not an integer type"),
     "negative ids": (lambda s, x, ids: s.add(x[:2], np.array([-1, 2])), "ids must be in 0..2^63-1"),
     "delete unknown ids": (lambda s, x, ids: s.delete([ids[0], 10**7 + 5]), str(10**7 + 5)),
+    "delete nothing": (lambda s, x, ids: s.delete([]), "nothing to delete"),
     "upsert NaN": (lambda s, x, ids: s.upsert(x[:2] * np.nan, ids[:2]), "NaN"),
     "reencode wrong shape": (lambda s, x, ids: s.reencode({"pq": np.zeros((2, 64, 8), np.float32)}, None, 2), "does not match"),
     "reencode missing level": (lambda s, x, ids: s.reencode({}, None, 2), "needs codebook level"),

@@ -16,6 +16,9 @@ codebooks. That keeps a freshly imported shard useful and answers the same ids.
 
 HNSW cannot remove nodes: on hnsw/hnswpq shards ``delete`` and an ``upsert`` that
 replaces ids rebuild the graph from the raw vectors (O(n log n)).
+
+A Shard object is not thread-safe. Several processes may read a shard directory;
+saves are serialised by a file lock, and a save from a stale handle is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _FLAT = IndexSpec("flat")
 def check_ids(ids: Any, n: int | None = None, name: str = "ids") -> np.ndarray:
     """``ids`` as int64 [n], non-negative (faiss uses -1 for "no result"), or a VectorError."""
     arr = np.asarray(ids)
+    if arr.size == 0 and arr.ndim == 1:
+        arr = arr.astype(np.int64)  # np.asarray([]) is float64
     if arr.dtype.kind not in "iu":
         raise VectorError(f"{name}: dtype {arr.dtype} is not an integer type; ids must be int64")
     if arr.ndim != 1:
