@@ -71,15 +71,34 @@ def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: in
     content = RecordDict({"arrays": arrays, "queries": record_of({"vectors": queries}), "config": config})
     ok, answered, missing = _send(grid, content, timeout)
     parts: dict[str, list[np.ndarray]] = {}
-    for reply in ok:
+    for rank, reply in enumerate(ok):
         for key, arr in reply.content["results"].items():
-            parts.setdefault(key, []).append(arr.numpy())
+            a = arr.numpy()
+            parts.setdefault(key, []).append(qualify(a, rank) if key.endswith(".ids") else a)
     return MergedResults(
         compressed=merge_topk(parts["compressed.distances"], parts["compressed.ids"], k),
         exact=merge_topk(parts["exact.distances"], parts["exact.ids"], k),
         answered=answered,
         missing=missing,
     )
+
+
+NODE_BITS = 16  # shard ids must stay below 2**(63 - NODE_BITS) for evaluation keys
+
+
+def qualify(ids: np.ndarray, rank: int) -> np.ndarray:
+    """Evaluation key (id, shard): ids of different organisations may collide.
+
+    The id stays the major part, so equal distances still rank by id as in one index.
+    """
+    if ids.size and ids.max() >= 1 << (63 - NODE_BITS):
+        raise ValueError(f"shard ids must be < 2**{63 - NODE_BITS} for federated evaluation, got {ids.max()}")
+    return np.where(ids < 0, -1, (ids << NODE_BITS) | rank)
+
+
+def unqualify(keys: np.ndarray) -> np.ndarray:
+    """Evaluation keys back to shard ids (meaningful when ids are globally unique)."""
+    return np.where(keys < 0, -1, keys >> NODE_BITS)
 
 
 def merge_qualified(nodes: list[int], distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -25,8 +26,8 @@ from vector_index.topk import recall_report
 from . import lloyd
 from .client_tasks import index_spec
 from .config import validate
-from .encoder import initial_weights
-from .federated_search import federated_search
+from .encoder import affine_of, initial_weights
+from .federated_search import federated_search, unqualify
 from .local_data import load_dataset
 from .settings import client_config
 from .state import GlobalState, arrays_of, record_nbytes
@@ -74,6 +75,42 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
     return int(np.mean(nbytes)) if nbytes else 0
 
 
+def deploy_model(grid: Grid, arrays: ArrayRecord, cfg: dict[str, Any], out_dir: Path, model_version: int, timeout: float) -> dict[str, Any]:
+    """After the last round: every client re-encodes its shard with the final global model
+    and saves it (deployment: its ``shard-dir``; simulation: ``<out_dir>/shards``)."""
+    nodes = sorted(grid.get_node_ids())
+    config = client_config(cfg)
+    config["deploy.model-version"] = model_version
+    config["deploy.shard-root"] = str(out_dir / "shards")
+    content = RecordDict({"arrays": arrays, "config": config})
+    replies = grid.send_and_receive([Message(content=content, message_type="train.deploy", dst_node_id=n) for n in nodes], timeout=timeout)
+    saved, failed = {}, {}
+    for r in replies:
+        if r.has_error():
+            failed[r.metadata.src_node_id] = r.error.reason
+            log(WARNING, "deploy: node %d could not save its shard: %s", r.metadata.src_node_id, r.error.reason)
+        else:
+            saved[r.metadata.src_node_id] = int(r.content["metrics"]["count"])
+    missing = sorted(set(nodes) - set(saved) - set(failed))
+    log(INFO, "deploy: %d shard(s) re-encoded with model version %d (%d vectors); failed %s, missing %s",
+        len(saved), model_version, sum(saved.values()), sorted(failed) or "none", missing or "none")
+    return {"model_version": model_version, "shards_saved": len(saved), "vectors": sum(saved.values()),
+            "failed": {str(k): v for k, v in failed.items()}, "missing": missing}
+
+
+def save_global_model(state: GlobalState, model_version: int, out_dir: Path) -> Path:
+    """``global_model.npz``: the encoder as (A, b) and the codebooks, as a shard injects them."""
+    a, b = affine_of(state.encoder)
+    arrays = {"transform.A": a, "transform.b": b, "model_version": np.asarray(model_version, dtype=np.int64)}
+    arrays.update({f"codebook.{k}": v for k, v in state.codebooks.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "global_model.npz"
+    tmp = out_dir / "global_model.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
 def _dim(state: GlobalState) -> int:
     return next(iter(state.encoder.values())).shape[-1]
 
@@ -83,10 +120,12 @@ def reference_metrics(spec: IndexSpec, data: Dataset, truth: np.ndarray, k: int,
     index = train_reference_index(spec, data.base, seed)
     _, found = index.search(data.queries, k)
     out = recall_report(found, truth)
-    if spec.kind == "flat":
+    if spec.kind in ("flat", "hnsw"):
         out["distortion"] = 0.0
     else:
-        recon = index.sa_decode(index.sa_encode(data.base))
+        # HNSW indexes have no sa_encode: their PQ storage does
+        codec = faiss.downcast_index(faiss.downcast_index(index).storage) if spec.kind == "hnswpq" else index
+        recon = codec.sa_decode(codec.sa_encode(data.base))
         out["distortion"] = float(((data.base - recon) ** 2).sum(axis=1).mean())
     return out
 
@@ -115,8 +154,8 @@ class RoundEvaluator:
         every = int(self.cfg["eval"]["every"])
         if server_round % every == 0 or server_round == int(self.cfg["num_rounds"]):
             res = federated_search(self.grid, arrays, self.queries, int(self.cfg["eval"]["k"]), client_config(self.cfg), self.timeout)
-            self.truth = res.exact[1]
-            row.update(recall_report(res.compressed[1], self.truth))
+            self.truth = unqualify(res.exact[1])  # plain ids, as the pooled reference index returns
+            row.update(recall_report(res.compressed[1], res.exact[1]))
             row["shards_answered"] = len(res.answered)
         row.update(self.strategy.round_log.get(server_round, {}))
         row["elapsed_s"] = round(time.time() - self.t0, 2)
@@ -163,6 +202,10 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         evaluate_config=client_config(cfg),
         evaluate_fn=evaluator,
     )
+    final_state = GlobalState.from_record(result.arrays)
+    model_version = int(t0)  # seconds since the epoch: newer models have larger versions
+    model_path = save_global_model(final_state, model_version, out_dir)
+    deployed = deploy_model(grid, result.arrays, cfg, out_dir, model_version, timeout) if cfg["save_shards"] else None
     final_row = evaluator.rounds[-1]
     federated = {k: final_row[k] for k in ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at_10", "recall_10_at_10") if k in final_row}
     uploads = [r["bytes_up_per_client"] for r in evaluator.rounds if "bytes_up_per_client" in r]
@@ -179,6 +222,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         "rounds": evaluator.rounds,
         "config": cfg,
         "wall_time_s": round(time.time() - t0, 2),
+        "global_model": str(model_path),
+        "deployed": deployed,
         "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},
         "model_bytes": int(sum(a.nbytes for a in arrays_of(result.arrays).values())) if result.arrays else 0,
     }

@@ -1,0 +1,75 @@
+"""A client's persistent shard: where it lives, deploying a global model into it, and
+answering searches from it. Plain functions over ``vector_index.store.Shard``.
+
+In deployment a SuperNode's node config names its shard (``shard-dir``); in simulation
+each client writes its partition to ``<run output>/shards/client-<partition-id>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vector_index.store import Shard
+from vector_index.validation import VectorError
+
+from .client_tasks import index_spec, shard_codebooks
+from .encoder import affine_of, encode, load_encoder
+from .state import GlobalState
+
+
+def shard_path(node_config: dict[str, Any], cfg: dict[str, Any]) -> Path | None:
+    """The node's own shard directory, else the simulation's per-partition one."""
+    if "shard-dir" in node_config:
+        return Path(str(node_config["shard-dir"])).expanduser()
+    root = cfg.get("deploy", {}).get("shard-root")
+    if root and "partition-id" in node_config:
+        return Path(str(root)) / f"client-{int(node_config['partition-id'])}"
+    return None
+
+
+def open_shard(path: Path) -> Shard:
+    if not (path / "CURRENT").is_file():
+        raise VectorError(f"shard-dir {str(path)!r} holds no shard; create one with `python -m vector_index import <vectors> {path}`")
+    return Shard.open(path)
+
+
+def shard_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(raw vectors, ids) of a persisted shard: what training and exact evaluation use."""
+    shard = open_shard(path)
+    ids = shard.ids.copy()
+    return shard.vectors(ids), ids
+
+
+def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], model_version: int) -> dict[str, float]:
+    """Re-encode the shard with the final global model and save it atomically.
+
+    A simulated client with no shard yet creates one from its partition first.
+    """
+    spec = index_spec(cfg)
+    if (path / "CURRENT").is_file():
+        shard = Shard.open(path)
+        if shard.spec.kind != spec.kind:
+            raise VectorError(f"shard {str(path)!r} is a {shard.spec.kind!r} index but the federation trained index={spec.kind}")
+    else:
+        shard = Shard.create(path, x.shape[1], spec, metadata={"source": "fedvec simulation partition"})
+        shard.add(x, ids)
+    books = shard_codebooks(state, encode(load_encoder(state.encoder), x), spec, cfg)
+    shard.reencode(books, affine_of(state.encoder), model_version)
+    version = shard.save()
+    stats = shard.stats()
+    return {"count": float(stats["count"]), "version": float(version), "model-version": float(model_version), "bytes-on-disk": float(stats["bytes_on_disk"])}
+
+
+def search(path: Path, queries: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """Top-k (``k``) or range (``radius``) hits of the persisted, encoded shard."""
+    shard = open_shard(path)
+    if not shard.encoded:
+        raise VectorError(f"shard {str(path)!r} has not received a global model yet; train the federation first")
+    if "radius" in cfg:
+        lims, d, i = shard.range_search(queries, float(cfg["radius"]))
+        return {"lims": lims.astype(np.int64), "distances": d, "ids": i}, int(shard.model_version)
+    d, i = shard.search(queries, int(cfg["k"]))
+    return {"distances": d, "ids": i}, int(shard.model_version)
