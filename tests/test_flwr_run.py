@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCAL_SUPERLINK_PORT = 39093  # Flower's fixed Control API port for the local SuperLink
+LOCAL_SUPERLINK_PORT = 39091  # the local SuperLink's fixed HTTP port in Flower 1.42
 
 
 def _port_busy(port: int) -> bool:
@@ -30,7 +30,7 @@ def _our_superlinks(flwr_home: Path) -> list[int]:
 @pytest.fixture
 def flwr_home(tmp_path):
     if _port_busy(LOCAL_SUPERLINK_PORT):
-        pytest.fail("a local SuperLink already listens on 127.0.0.1:39093; stop it (it is not ours to kill)")
+        pytest.fail(f"a local SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT}; stop it (it is not ours to kill)")
     home = tmp_path / "flwr-home"
     yield home
     for pid in _our_superlinks(home):
