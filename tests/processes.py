@@ -95,6 +95,7 @@ class Proc:
     def __init__(self, name: str, popen: subprocess.Popen, log_path: Path, cmd: Sequence[str]):
         self.name, self.popen, self.log_path, self.cmd = name, popen, log_path, list(cmd)
         self.start_time = (_stat(popen.pid) or (0, 0, ""))[1]
+        self._orphans: list[tuple[int, int]] = []  # children of a killed process, stopped by stop()
 
     @property
     def pid(self) -> int:
@@ -137,9 +138,21 @@ class Proc:
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{self.name} (PID {self.pid}) still runs after {timeout:.0f}s:\n{self.tail()}") from None
 
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Kill the process alone (a crash, as in a fault test) and wait for it.
+
+        Its children are remembered (they get re-parented, so they could not be found
+        later) and stopped by :meth:`stop`."""
+        if self.running():
+            self._orphans += _descendants(self.pid)
+            _signal(self.pid, self.start_time, sig)
+        return self.popen.wait(timeout=10)
+
     def stop(self, grace: float = 10.0, children_grace: float = 5.0) -> int | None:
         """SIGTERM, SIGKILL after ``grace``; then the same for children left behind."""
         kids = _descendants(self.pid) if self.running() else []
+        for orphan in self._orphans:  # and whatever they started since
+            kids += [orphan, *(_descendants(orphan[0]) if _alive(*orphan) else [])]
         if self.running():
             _signal(self.pid, self.start_time, signal.SIGTERM)
             try:

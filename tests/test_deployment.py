@@ -1,0 +1,338 @@
+"""A deployed federation end to end, with real processes on loopback (Flower 1.42):
+one flower-superlink, three flower-supernodes each holding its own persisted shard
+(``--node-config 'shard-dir="..."'``), the real ``flwr`` CLI submitting runs.
+
+1. Three disjoint shards are imported with ``python -m vector_index import`` (PQ 4x6,
+   unencoded until a global model arrives).
+2. A training run (2 rounds) writes summary.json and global_model.npz; afterwards every
+   shard has saved a version encoded with the run's global model version.
+3. A search-mode run returns the merged, node-qualified top-k; it equals one faiss
+   index built with the same global model over the union of the three shards (ids
+   exactly, distances to 1e-4; at tied distances the ids are compared as sets), and
+   every hit names the SuperNode that holds its id.
+4. A training run with min_clients=2 where one SuperNode is SIGKILLed once round 1 has
+   begun still finishes; summary.json's missing_nodes and the server log name that node
+   (for the rounds until the SuperLink, missing its heartbeats, stops sampling it).
+
+Insecure mode (no TLS): TLS and SuperNode authentication are covered by test_tls_auth.py.
+Every process runs on free ports and is stopped by PID (tests/processes.py), also when
+an assertion fails. Skipped only when flower-superlink is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from processes import Proc, Processes, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+CONN = "fedvec-deploy-test"
+N_SHARDS, DIM, K = 3, 16, 10
+TRAIN_OVERRIDES = ("data=synthetic data.num_base=1500 data.num_queries=100 index.m=4 index.nbits=6 "
+                   "init.local_k=64 num_clients=3 eval.centralized=false")
+RUN_TIMEOUT = 420  # seconds for one `flwr run --stream` (2 shared cores in CI)
+
+VENV_BIN = Path(sys.executable).parent
+SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+pytestmark = pytest.mark.skipif(
+    shutil.which("flower-superlink", path=SEARCH_PATH) is None,
+    reason="flower-superlink is not on PATH (install the project: scripts/setup.sh)",
+)
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = SEARCH_PATH  # flower-* and flwr-* of this venv; SuperExec spawns them by name
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return env
+
+
+def _run(cmd: list, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class FlwrRun:
+    """``flwr run . <conn> --stream``: output streamed line by line into a log file, an
+    optional callback sees every line (to act at a point of the run)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, run_config: str, on_line=None):
+        self.log_path, self.on_line, self.lines = log_path, on_line, []
+        self.popen = subprocess.Popen(
+            ["flwr", "run", ".", CONN, "--stream", "--run-config", run_config],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.callback_error: BaseException | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.popen.stdout:
+                self.lines.append(line)
+                log.write(line)
+                log.flush()
+                if self.on_line is not None and self.callback_error is None:
+                    try:
+                        self.on_line(line)
+                    except BaseException as exc:  # reported by wait()
+                        self.callback_error = exc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float) -> str:
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"flwr run did not finish in {timeout:.0f}s:\n{self.output[-4000:]}") from None
+        finally:
+            self.reader.join(timeout=10)
+        if self.callback_error is not None:
+            raise self.callback_error
+        out = self.output
+        assert self.popen.returncode == 0, f"flwr run exited with {self.popen.returncode}:\n{out[-4000:]}"
+        # flwr run --stream exits 0 even when the ServerApp raised: look at the log too
+        assert "ServerApp raised an exception" not in out, out[-5000:]
+        return out
+
+    def stop(self) -> None:
+        """The CLI only (the run itself lives in the SuperLink, stopped by the fixture)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+
+
+class Deployment:
+    def __init__(self, root: Path, env: dict[str, str], procs: Processes, base: np.ndarray, queries: np.ndarray,
+                 shard_ids: list[np.ndarray], shard_dirs: list[Path], nodes: list[Proc], node_ids: list[int]):
+        self.root, self.env, self.procs = root, env, procs
+        self.base, self.queries = base, queries
+        self.shard_ids, self.shard_dirs, self.nodes, self.node_ids = shard_ids, shard_dirs, nodes, node_ids
+        self.runs: list[FlwrRun] = []
+
+    def flwr_run(self, name: str, run_config: str, on_line=None) -> FlwrRun:
+        run = FlwrRun(self.env, self.root / "logs" / f"flwr-run-{name}.log", run_config, on_line)
+        self.runs.append(run)
+        return run
+
+    def logs(self) -> str:
+        """Tails of every process log, for failure messages."""
+        return "\n".join(f"---- {p.name} (PID {p.pid})\n{p.tail(15)}" for p in self.procs.procs)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from vector_index.datasets import make_synthetic
+    from vector_index.partition import iid
+
+    root = tmp_path_factory.mktemp("deploy")
+    env = _env(root / "flwr-home")
+    data = make_synthetic(num_base=1500, num_queries=100, dim=DIM, num_clusters=20, seed=0)
+    shard_ids = iid(data.base, N_SHARDS, seed=0)  # row numbers: disjoint global ids
+    shard_dirs = [root / f"org{i + 1}" / "shard" for i in range(N_SHARDS)]
+    importers = []
+    for i, (ids, sdir) in enumerate(zip(shard_ids, shard_dirs)):
+        np.save(root / f"vectors-{i}.npy", data.base[ids])
+        np.save(root / f"ids-{i}.npy", ids)
+        importers.append(subprocess.Popen(
+            [sys.executable, "-m", "vector_index", "import", str(root / f"vectors-{i}.npy"), str(sdir),
+             "--ids", str(root / f"ids-{i}.npy"), "--index", "pq", "--m", "4", "--nbits", "6"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for imp in importers:
+        out, _ = imp.communicate(timeout=120)
+        assert imp.returncode == 0, out
+
+    port = free_port()
+    (root / "link").mkdir()
+    with Processes(root / "logs", env=env, cwd=root / "link") as procs:
+        link = procs.start("superlink", [
+            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation",
+        ])
+        link.wait_for(r"Uvicorn running on http://", timeout=90)
+        _run(["bash", SCRIPTS / "deploy/add_connection.sh", CONN, f"127.0.0.1:{port}", "--insecure"], env)
+        nodes = [
+            procs.start(f"supernode-{i + 1}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f'shard-dir="{sdir}" partition-id={i} num-partitions={N_SHARDS}',
+            ])
+            for i, sdir in enumerate(shard_dirs)
+        ]
+        node_ids = [int(n.wait_for(r"SuperNode ID: (\d+)", timeout=90).group(1)) for n in nodes]
+        dep = Deployment(root, env, procs, data.base, data.queries, shard_ids, shard_dirs, nodes, node_ids)
+        try:
+            yield dep
+        finally:
+            for run in dep.runs:
+                run.stop()
+            # leaving the Processes block stops the SuperNodes, then the SuperLink (and children)
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _summary(out: Path) -> tuple[Path, dict]:
+    found = list(out.rglob("summary.json"))
+    assert len(found) == 1, f"expected one summary.json under {out}, found {found}"
+    return found[0], json.loads(found[0].read_text())
+
+
+def assert_same_topk(fed_d: np.ndarray, fed_i: np.ndarray, ref_d: np.ndarray, ref_i: np.ndarray, k: int, tol: float = 1e-4) -> int:
+    """Federated top-k equals the single index's top-k; ``ref_*`` hold more than k columns
+    so that ties at the k-th distance can be checked. Returns how many slots differed by a
+    tie (same distance, another id)."""
+    assert fed_d.shape == fed_i.shape == (ref_d.shape[0], k)
+    np.testing.assert_allclose(fed_d, ref_d[:, :k], rtol=0, atol=tol)
+    ties = 0
+    for q in range(fed_i.shape[0]):
+        row = fed_i[q]
+        assert (row >= 0).all() and np.unique(row).size == k, f"query {q}: padding or duplicate ids {row}"
+        for j in np.flatnonzero(row != ref_i[q, :k]):
+            tied = np.abs(ref_d[q] - fed_d[q, j]) <= tol
+            assert not tied[-1], f"query {q}: a tie group longer than the reference list; raise its length"
+            assert row[j] in ref_i[q][tied], (
+                f"query {q}, rank {j}: id {row[j]} at distance {fed_d[q, j]} is not among the single index's ids "
+                f"at that distance {ref_i[q][tied]}")
+            ties += 1
+        # ranks with a unique distance are ids exactly; tie groups as sets (inside the top-k)
+        for d in np.unique(fed_d[q]):
+            in_fed = np.abs(fed_d[q] - d) <= tol
+            in_ref = np.abs(ref_d[q, :k] - d) <= tol
+            if not in_fed[-1] and not in_ref[-1]:  # the group ends inside the top-k: sets equal
+                assert set(row[in_fed]) == set(ref_i[q, :k][in_ref]), f"query {q}: tied ids differ at distance {d}"
+    return ties
+
+
+# -- tests --------------------------------------------------------------------------
+
+
+def test_train_deploy_then_search_equals_one_index(deployment):
+    from vector_index.quantizers import IndexSpec, empty_index, with_transform
+    from vector_index.store import Shard
+
+    dep = deployment
+    t0 = time.monotonic()
+    for sdir in dep.shard_dirs:  # freshly imported: raw vectors only
+        assert Shard.open(sdir).model_version is None
+
+    # -- training ------------------------------------------------------------------
+    out = dep.root / "train"
+    run = dep.flwr_run("train", f'overrides="{TRAIN_OVERRIDES} num_rounds=2" output-dir="{out}"')
+    log = run.wait(RUN_TIMEOUT)
+    t_train = time.monotonic() - t0
+    summary_path, summary = _summary(out)
+    assert str(summary_path) in log, log[-3000:]  # the server prints where it wrote the summary
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert summary["rounds"][-1]["shards_answered"] == N_SHARDS
+    assert not summary["missing_nodes"], summary["missing_nodes"]
+    assert (summary["config"]["num_clients"], summary["config"]["index"]["m"]) == (N_SHARDS, 4)
+
+    model_path = summary_path.parent / "global_model.npz"
+    assert model_path.is_file(), f"no global_model.npz beside {summary_path}: {sorted(p.name for p in summary_path.parent.iterdir())}"
+    with np.load(model_path) as z:
+        model = {k: z[k] for k in z.files}
+    assert {"transform.A", "transform.b", "codebook.pq", "model_version"} <= set(model), sorted(model)
+    a, b, books = model["transform.A"], model["transform.b"], model["codebook.pq"]
+    version = int(model["model_version"])
+    assert a.shape == (DIM, DIM) and b.shape == (DIM,) and books.shape == (4, 64, DIM // 4)
+
+    # every shard re-encoded and saved with this global model; ids and vectors untouched
+    for sdir, ids in zip(dep.shard_dirs, dep.shard_ids):
+        shard = Shard.open(sdir)
+        assert shard.encoded and shard.model_version == version, (sdir, shard.model_version, version)
+        assert np.array_equal(np.sort(shard.ids), ids)
+        assert np.array_equal(shard.vectors(ids), dep.base[ids])
+
+    # -- search --------------------------------------------------------------------
+    t1 = time.monotonic()
+    qpath, hits = dep.root / "queries.npy", dep.root / "search" / "hits.npz"
+    np.save(qpath, dep.queries)
+    run = dep.flwr_run("search", f'mode="search" queries="{qpath}" results="{hits}" k={K} '
+                                 f'overrides="{TRAIN_OVERRIDES} num_rounds=2"')
+    log = run.wait(RUN_TIMEOUT)
+    t_search = time.monotonic() - t1
+    assert hits.is_file(), log[-3000:]
+    with np.load(hits) as z:
+        fed_d, fed_i, fed_n = z["distances"], z["ids"], z["nodes"]
+    sidecar = json.loads(hits.with_suffix(".json").read_text())
+    assert sorted(sidecar["answered"]) == sorted(dep.node_ids) and sidecar["missing"] == []
+    assert {int(v) for v in sidecar["model_versions"].values()} == {version}
+    assert fed_d.shape == fed_i.shape == fed_n.shape == (dep.queries.shape[0], K)
+
+    # one faiss index, same global model, over the union of the shards
+    union_ids = np.concatenate(dep.shard_ids)
+    index = with_transform(empty_index(IndexSpec("pq", m=4, nbits=6), DIM, {"pq": books}), a, b)
+    index.add_with_ids(np.ascontiguousarray(dep.base[union_ids]), union_ids)
+    ref_d, ref_i = index.search(dep.queries, K + 40)
+    ties = assert_same_topk(fed_d, fed_i, ref_d, ref_i, K)
+
+    # every hit is qualified by the SuperNode that holds its id (ids are disjoint)
+    owner = np.empty(dep.base.shape[0], dtype=np.int64)
+    for s, ids in enumerate(dep.shard_ids):
+        owner[ids] = s
+    for s in range(N_SHARDS):
+        got = set(fed_n[owner[fed_i] == s].tolist())
+        assert got <= {dep.node_ids[s]}, f"hits from shard {s} are attributed to node(s) {got}, not {dep.node_ids[s]}"
+    assert set(fed_n.ravel().tolist()) == set(dep.node_ids)  # 1000 hits: every shard contributes
+    print(f"\ntraining run {t_train:.0f}s, search run {t_search:.0f}s, {ties} slot(s) matched as ties")
+
+
+def test_supernode_killed_mid_training_is_reported_missing(deployment):
+    dep = deployment
+    victim = dep.nodes[-1]
+    victim_id = dep.node_ids[-1]
+    assert victim.running(), dep.logs()
+    killed = threading.Event()
+    begun = re.compile(r"\[ROUND 1\b|\[fedvec\] round 1\b")
+
+    def kill_at_round_1(line: str) -> None:
+        if not killed.is_set() and begun.search(line):
+            victim.kill()  # SIGKILL, by the PID we started; its children are stopped at teardown
+            killed.set()
+
+    out = dep.root / "faults"
+    t0 = time.monotonic()
+    # eval.every=3: recall only after init and the last round (each query waits out the dead node)
+    overrides = f"{TRAIN_OVERRIDES} num_rounds=3 min_clients=2 timeout_s=20 eval.every=3"
+    run = dep.flwr_run("faults", f'overrides="{overrides}" output-dir="{out}"', on_line=kill_at_round_1)
+    log = run.wait(RUN_TIMEOUT)
+    elapsed = time.monotonic() - t0
+    assert killed.is_set(), f"the run never reported round 1 (no '[ROUND 1' line):\n{log[-3000:]}"
+    assert not victim.running()
+
+    _, summary = _summary(out)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3]
+    missing = {int(r): ids for r, ids in summary["missing_nodes"].items()}
+    assert missing, f"summary.json records no missing node: {summary['missing_nodes']}"
+    assert all(ids == [victim_id] for ids in missing.values()), (missing, victim_id)
+    # dead from round 1 on: missing until the SuperLink stops sampling it (no heartbeat
+    # for 2 x its interval marks it offline), so at least in round 2
+    assert 2 in missing and set(missing) <= {1, 2, 3}, missing
+    assert summary["rounds"][-1]["shards_answered"] == N_SHARDS - 1
+    assert re.search(rf"no usable reply from node\(s\) \[{victim_id}\]", log), log[-3000:]
+    print(f"\nfault run {elapsed:.0f}s; missing nodes per round {missing}")
