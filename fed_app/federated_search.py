@@ -113,11 +113,11 @@ def merge_qualified(nodes: list[int], distances: list[np.ndarray], ids: list[np.
         slots.append(np.where(i < 0, -1, np.broadcast_to(slot, i.shape)))
     d, slot = merge_topk(distances, slots, k)
     flat_ids = np.concatenate(ids, axis=1)
-    flat_nodes = np.concatenate([np.full(i.shape, n, dtype=np.int64) for n, i in zip(nodes, ids)], axis=1)
+    flat_nodes = np.concatenate([np.full(i.shape, n, dtype=np.uint64) for n, i in zip(nodes, ids)], axis=1)
     pad = slot < 0
     safe = np.where(pad, 0, slot)
     out_ids = np.where(pad, -1, np.take_along_axis(flat_ids, safe, axis=1))
-    out_nodes = np.where(pad, 0, np.take_along_axis(flat_nodes, safe, axis=1))
+    out_nodes = np.where(pad, np.uint64(0), np.take_along_axis(flat_nodes, safe, axis=1))
     return d, out_ids, out_nodes
 
 
@@ -128,12 +128,12 @@ def merge_ranges(nodes: list[int], parts: list[tuple[np.ndarray, np.ndarray, np.
     for q in range(nq):
         d = np.concatenate([p[1][p[0][q] : p[0][q + 1]] for p in parts])
         i = np.concatenate([p[2][p[0][q] : p[0][q + 1]] for p in parts])
-        o = np.concatenate([np.full(p[0][q + 1] - p[0][q], n, dtype=np.int64) for n, p in zip(nodes, parts)])
+        o = np.concatenate([np.full(p[0][q + 1] - p[0][q], n, dtype=np.uint64) for n, p in zip(nodes, parts)])
         order = np.argsort(d, kind="stable")
         dists.append(d[order]), ids.append(i[order]), owners.append(o[order])
         lims.append(lims[-1] + d.size)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-    return np.asarray(lims, dtype=np.int64), cat(dists, np.float32), cat(ids, np.int64), cat(owners, np.int64)
+    return np.asarray(lims, dtype=np.int64), cat(dists, np.float32), cat(ids, np.int64), cat(owners, np.uint64)
 
 
 def search_federation(grid: Grid, queries: np.ndarray, config: ConfigRecord, timeout: float, k: int | None = None, radius: float | None = None) -> SearchResults:

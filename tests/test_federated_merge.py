@@ -18,7 +18,7 @@ def _shards(seed: int = 0):
 
 def test_topk_merge_equals_single_index_with_node_qualified_ids() -> None:
     xs, ids, q = _shards()
-    nodes = [11, 22, 33]
+    nodes = [11, 2**63 + 5, 2**64 - 1]  # Flower node ids are unsigned 64-bit
     k = 10
     per = []
     for x, i in zip(xs, ids):
@@ -29,7 +29,7 @@ def test_topk_merge_equals_single_index_with_node_qualified_ids() -> None:
 
     union = faiss.IndexFlatL2(8)
     union.add(np.concatenate(xs))
-    owner = np.concatenate([np.full(len(x), node) for x, node in zip(xs, nodes)])
+    owner = np.concatenate([np.full(len(x), node, dtype=np.uint64) for x, node in zip(xs, nodes)])
     local = np.concatenate(ids)
     du, iu = union.search(q, k)
     np.testing.assert_allclose(d, du, rtol=1e-5)
@@ -38,7 +38,7 @@ def test_topk_merge_equals_single_index_with_node_qualified_ids() -> None:
 
 def test_range_merge_equals_brute_force_within_radius() -> None:
     xs, ids, q = _shards(1)
-    nodes = [5, 6, 7]
+    nodes = [5, 2**63 + 6, 7]
     radius = 0.35
     parts = []
     for x, i in zip(xs, ids):
@@ -48,7 +48,7 @@ def test_range_merge_equals_brute_force_within_radius() -> None:
     lims, d, i, n = merge_ranges(nodes, parts)
 
     allx = np.concatenate(xs)
-    owner = np.concatenate([np.full(len(x), node) for x, node in zip(xs, nodes)])
+    owner = np.concatenate([np.full(len(x), node, dtype=np.uint64) for x, node in zip(xs, nodes)])
     local = np.concatenate(ids)
     dist = ((q[:, None, :] - allx[None]) ** 2).sum(-1)
     assert lims.size == q.shape[0] + 1 and lims[-1] > 0
