@@ -51,9 +51,11 @@ def train_local_codebooks(z: np.ndarray, spec: IndexSpec, iters: int, seed: int)
     return books
 
 
-def shard_codebooks(state: GlobalState, z: np.ndarray, spec: IndexSpec, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The codebooks this shard encodes with: the global ones, or its own when local."""
+def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The codebooks this shard encodes with: the global ones, or (local mode) its own,
+    trained on its vectors encoded with the current global encoder."""
     if codebook_mode(cfg) == "local":
+        z = encode(load_encoder(state.encoder), x)
         return train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
     return {level: state.codebooks[level] for level in spec.levels}
 
@@ -110,7 +112,7 @@ def train(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         seed=int(cfg["seed"]) * 100_003 + int(cfg["server-round"]),
     )
-    books = shard_codebooks(state, encode(load_encoder(state.encoder), x), spec, cfg)
+    books = shard_codebooks(state, x, spec, cfg)
     weights, losses = train_encoder(state.encoder, x, [books[lvl] for lvl in spec.levels], settings)
     z = encode(load_encoder(weights), x)
     return weights, codebook_update(z, books, spec, cfg), {"num-examples": float(x.shape[0]), **losses}
@@ -121,7 +123,7 @@ def distortion(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> dict[s
     num-examples turns them into exact means over the union."""
     spec = index_spec(cfg)
     z = encode(load_encoder(state.encoder), x)
-    books = shard_codebooks(state, z, spec, cfg)
+    books = shard_codebooks(state, x, spec, cfg)
     sse = float(squared_errors(z, books).sum()) if books else 0.0
     n = x.shape[0]
     return {"num-examples": float(n), "distortion": sse / n, "energy": float((z.astype(np.float64) ** 2).sum()) / n}
@@ -135,7 +137,7 @@ def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarr
     spec = index_spec(cfg)
     model = load_encoder(state.encoder)
     z, zq = encode(model, x), encode(model, queries)
-    index = build_index(spec, z, ids, shard_codebooks(state, z, spec, cfg))
+    index = build_index(spec, z, ids, shard_codebooks(state, x, spec, cfg))
     dc, ic = index.search(zq, k)
     exact = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
     exact.add_with_ids(x, ids)

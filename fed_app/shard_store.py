@@ -16,7 +16,7 @@ from vector_index.store import Shard
 from vector_index.validation import VectorError
 
 from .client_tasks import index_spec, shard_codebooks
-from .encoder import affine_of, encode, load_encoder
+from .encoder import affine_of
 from .state import GlobalState
 
 
@@ -56,7 +56,7 @@ def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: 
     else:
         shard = Shard.create(path, x.shape[1], spec, metadata={"source": "fedvec simulation partition"})
         shard.add(x, ids)
-    books = shard_codebooks(state, encode(load_encoder(state.encoder), x), spec, cfg)
+    books = shard_codebooks(state, x, spec, cfg)
     shard.reencode(books, affine_of(state.encoder), model_version)
     version = shard.save()
     stats = shard.stats()
