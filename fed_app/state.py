@@ -33,9 +33,6 @@ class GlobalState:
             codebooks={k[len(CODEBOOK):]: v for k, v in arrays.items() if k.startswith(CODEBOOK)},
         )
 
-    def ordered_codebooks(self, levels: tuple[str, ...]) -> list[np.ndarray]:
-        return [self.codebooks[level] for level in levels if level in self.codebooks]
-
 
 def encoder_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({ENCODER + k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})

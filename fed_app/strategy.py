@@ -55,7 +55,7 @@ class CodebookMixin:
         self._sent: dict[int, list[int]] = {}
         self.missing: dict[int, list[int]] = {}
         self.codebook_update = codebook_update
-        self.local_iters = local_iters
+        del local_iters  # clients read it from strategy.flower in their config; accepted so the yaml instantiates
         self.empty = empty
         self.seed = seed
         self._codebooks: dict[str, np.ndarray] = {}

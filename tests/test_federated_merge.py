@@ -16,15 +16,20 @@ def _shards(seed: int = 0):
     return xs, ids, rs.rand(25, 8).astype(np.float32)
 
 
+def _shard_indexes(xs, ids) -> list[faiss.Index]:
+    out = []
+    for x, i in zip(xs, ids):
+        index = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
+        index.add_with_ids(x, i)
+        out.append(index)
+    return out
+
+
 def test_topk_merge_equals_single_index_with_node_qualified_ids() -> None:
     xs, ids, q = _shards()
     nodes = [11, 2**63 + 5, 2**64 - 1]  # Flower node ids are unsigned 64-bit
     k = 10
-    per = []
-    for x, i in zip(xs, ids):
-        index = faiss.IndexIDMap(faiss.IndexFlatL2(8))
-        index.add_with_ids(x, i)
-        per.append(index.search(q, k))
+    per = [index.search(q, k) for index in _shard_indexes(xs, ids)]
     d, i, n = merge_qualified(nodes, [p[0] for p in per], [p[1] for p in per], k)
 
     union = faiss.IndexFlatL2(8)
@@ -40,11 +45,7 @@ def test_range_merge_equals_brute_force_within_radius() -> None:
     xs, ids, q = _shards(1)
     nodes = [5, 2**63 + 6, 7]
     radius = 0.35
-    parts = []
-    for x, i in zip(xs, ids):
-        index = faiss.IndexIDMap(faiss.IndexFlatL2(8))
-        index.add_with_ids(x, i)
-        parts.append(index.range_search(q, radius))
+    parts = [index.range_search(q, radius) for index in _shard_indexes(xs, ids)]
     lims, d, i, n = merge_ranges(nodes, parts)
 
     allx = np.concatenate(xs)
