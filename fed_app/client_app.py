@@ -1,22 +1,28 @@
-"""fedvec ClientApp: one per shard. Thin: unpack, call ``client_tasks``, pack.
+"""fedvec ClientApp: one per shard. Thin: unpack, check the client's own limits, call
+``client_tasks``, pack.
 
 A SuperNode started with ``--node-config 'shard-dir="/path"'`` works on that persisted
-shard; in simulation a client rebuilds its partition of the configured data set.
+shard; in simulation a client rebuilds its partition of the configured data set. Its
+privacy limits come from its node config (``max-k=100 min-count=5 ...``, defaults in
+``conf/privacy/default.yaml``) or, in ``python -m simulations.run``, from the simulator
+(:func:`make_client_app`); never from a message.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from vector_index.validation import VectorError
 
 from . import client_tasks, shard_store
 from .local_data import client_shard
+from .privacy.policy import BUDGET_RECORD, ClientPolicy, Refusal
+from .privacy.release import Withheld
 from .settings import received_config
 from .state import GlobalState, encoder_record, record_of
-
-app = ClientApp()
 
 
 def _vectors(cfg: dict, context: Context):
@@ -37,57 +43,109 @@ def _unpack(msg: Message, context: Context):
     return cfg, state, x, ids
 
 
-@app.train("init")
-def init(msg: Message, context: Context) -> Message:
-    cfg, state, x, _ = _unpack(msg, context)
-    out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg)
-    content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": x.shape[0]})})
+def _spend(context: Context, policy: ClientPolicy, queries: int) -> None:
+    """Count queries against this node's budget for the run (Context.state persists
+    across the run's messages on this node, in simulation and deployment alike)."""
+    record = context.state.config_records.get(BUDGET_RECORD, ConfigRecord({"answered": 0}))
+    record["answered"] = policy.spend(int(record["answered"]), queries)
+    context.state[BUDGET_RECORD] = record
+
+
+def refusal_reply(msg: Message, refusal: Refusal) -> Message:
+    return Message(content=RecordDict({"refusal": ConfigRecord({"limit": refusal.limit, "reason": refusal.reason})}), reply_to=msg)
+
+
+def withheld_reply(msg: Message, why: Withheld) -> Message:
+    """Nothing from the shard, and why (counted as a reply that contributes nothing)."""
+    content = RecordDict({"withheld": ConfigRecord({"reason": str(why)}), "metrics": MetricRecord({"num-examples": 0.0})})
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, state, x, _ = _unpack(msg, context)
-    weights, update, metrics = client_tasks.train(state, x, cfg)
-    content = RecordDict(
-        {
-            "arrays": encoder_record(weights),
-            "codebook-update": record_of(update),
-            "metrics": MetricRecord(metrics),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
+    """The ClientApp. ``policy`` given: the simulator's clients hold these limits; else
+    every message reads them from the SuperNode's node config."""
+    app = ClientApp()
 
+    def limits(context: Context) -> ClientPolicy:
+        return policy if policy is not None else ClientPolicy.from_node_config(dict(context.node_config))
 
-@app.train("deploy")
-def deploy(msg: Message, context: Context) -> Message:
-    """After the last round: re-encode this shard with the global model and save it."""
-    cfg, state, x, ids = _unpack(msg, context)
-    path = shard_store.shard_path(context.node_config, cfg)
-    if path is None:
-        raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
-    stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]))
-    return Message(content=RecordDict({"metrics": MetricRecord(stats)}), reply_to=msg)
+    def guarded(handler: Callable[[Message, Context, ClientPolicy], Message]) -> Callable[[Message, Context], Message]:
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context, limits(context))
+            except Refusal as refusal:
+                return refusal_reply(msg, refusal)
+            except Withheld as why:
+                return withheld_reply(msg, why)
 
+        return run
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    cfg, state, x, _ = _unpack(msg, context)
-    return Message(content=RecordDict({"metrics": MetricRecord(client_tasks.distortion(state, x, cfg))}), reply_to=msg)
+    @app.train("init")
+    @guarded
+    def init(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        cfg, state, x, _ = _unpack(msg, context)
+        out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg, pol)
+        content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": pol.round_examples(x.shape[0])})})
+        return Message(content=content, reply_to=msg)
 
+    @app.train()
+    @guarded
+    def train(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        cfg, state, x, _ = _unpack(msg, context)
+        weights, update, metrics = client_tasks.train(state, x, cfg, pol)
+        content = RecordDict({"arrays": encoder_record(weights), "codebook-update": record_of(update), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """``mode=search``: answer from the persisted shard; else evaluate the current model."""
-    cfg = received_config(msg.content["config"])
-    queries = msg.content["queries"]["vectors"].numpy()
-    if cfg.get("mode") == "search":
+    @app.train("deploy")
+    def deploy(msg: Message, context: Context) -> Message:
+        """After the last round: re-encode this shard with the global model and save it."""
+        cfg, state, x, ids = _unpack(msg, context)
         path = shard_store.shard_path(context.node_config, cfg)
         if path is None:
-            raise VectorError("search: this SuperNode has no shard-dir in its node config")
-        out, version = shard_store.search(path, queries, cfg)
-        content = RecordDict({"results": record_of(out), "metrics": MetricRecord({"model-version": version})})
+            raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
+        stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]))
+        return Message(content=RecordDict({"metrics": MetricRecord(stats)}), reply_to=msg)
+
+    @app.evaluate()
+    @guarded
+    def evaluate(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        cfg, state, x, ids = _unpack(msg, context)
+        metrics = client_tasks.evaluate(state, x, ids, cfg, pol)
+        metrics["simulated-partition"] = float("shard-dir" not in context.node_config)
+        content = RecordDict({"metrics": MetricRecord(metrics), "policy": ConfigRecord(pol.as_record())})
         return Message(content=content, reply_to=msg)
-    cfg, state, x, ids = _unpack(msg, context)
-    out = client_tasks.search(state, x, ids, queries, int(cfg["eval"]["k"]), cfg)
-    return Message(content=RecordDict({"results": record_of(out)}), reply_to=msg)
+
+    @app.query()
+    @guarded
+    def query(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        """``mode=search``: answer from the persisted shard (compressed distances on the
+        node's grid); else the trusted evaluation protocol, if this node allows it."""
+        cfg = received_config(msg.content["config"])
+        queries = msg.content["queries"]["vectors"].numpy()
+        if cfg.get("mode") == "search":
+            path = shard_store.shard_path(context.node_config, cfg)
+            if path is None:
+                raise VectorError("search: this SuperNode has no shard-dir in its node config")
+            if "radius" not in cfg:
+                pol.check_k(int(cfg["k"]))
+            _spend(context, pol, queries.shape[0])
+            out, version = shard_store.search(path, queries, cfg, pol)
+            content = RecordDict({"results": record_of(out), "metrics": MetricRecord({"model-version": version})})
+            return Message(content=content, reply_to=msg)
+        if not pol.allow_trusted_eval:
+            raise Refusal(
+                "trusted-eval",
+                "this node does not answer the trusted evaluation protocol (exact distances to server-chosen "
+                "vectors); it is for simulations only: run with eval.protocol=private",
+            )
+        k = int(cfg["eval"]["k"])
+        pol.check_k(k)
+        _spend(context, pol, queries.shape[0])
+        cfg, state, x, ids = _unpack(msg, context)
+        out = client_tasks.search(state, x, ids, queries, k, cfg)
+        return Message(content=RecordDict({"results": record_of(out)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

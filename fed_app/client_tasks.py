@@ -15,9 +15,12 @@ import faiss
 import numpy as np
 
 from vector_index.quantizers import IndexSpec, build_index, residuals, squared_errors
+from vector_index.topk import recall_report
 
 from . import lloyd
 from .encoder import TrainSettings, encode, load_encoder, train_encoder
+from .privacy import release
+from .privacy.policy import ClientPolicy
 from .state import GlobalState
 
 
@@ -38,16 +41,22 @@ def _level_input(z: np.ndarray, level: str, codebooks: dict[str, np.ndarray]) ->
     return z
 
 
-def train_local_codebooks(z: np.ndarray, spec: IndexSpec, iters: int, seed: int) -> dict[str, np.ndarray]:
+def train_local_codebooks(
+    z: np.ndarray, spec: IndexSpec, iters: int, seed: int, min_count: int | None = None
+) -> dict[str, np.ndarray]:
     """Codebooks trained on this shard alone (faiss k-means per sub-space), coarse first.
 
     A shard with fewer vectors than centroids repeats centroids to fill the codebook.
+    With ``min_count`` (a codebook that leaves the client) every centroid supported by
+    fewer vectors is replaced by a copy of a supported one.
     """
     books: dict[str, np.ndarray] = {}
     for level in spec.levels:
         m, k, _ = spec.level_shape(level, z.shape[1])
-        cents, _ = lloyd.local_centroids(_level_input(z, level, books), m, k, iters, seed)
-        books[level] = cents[:, np.resize(np.arange(cents.shape[1]), k)]
+        cents, counts = lloyd.local_centroids(_level_input(z, level, books), m, k, iters, seed)
+        idx = np.resize(np.arange(cents.shape[1]), k)
+        cents, counts = cents[:, idx], counts[:, idx]
+        books[level] = cents if min_count is None else release.fill_unsupported(cents, counts, min_count)
     return books
 
 
@@ -60,47 +69,63 @@ def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: dic
     return {level: state.codebooks[level] for level in spec.levels}
 
 
-def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One-shot init, client side: local k-means per sub-space, centroids + counts."""
+def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str, Any], policy: ClientPolicy) -> dict[str, np.ndarray]:
+    """One-shot init, client side: local k-means per sub-space, centroids + counts.
+
+    Only centroids supported by ``min_count`` vectors leave; a small shard asks for at
+    most ``n // min_count`` of them, and their counts (the server's weights) are rounded.
+    """
     z = encode(load_encoder(state.encoder), x)
     spec = index_spec(cfg)
     m, k, _ = spec.level_shape(level, z.shape[1])
-    local_k = k if level == "coarse" else int(cfg["init"]["local_k"])
+    local_k = release.init_k(x.shape[0], k if level == "coarse" else int(cfg["init"]["local_k"]), policy.min_count)
     cents, counts = lloyd.local_centroids(
         _level_input(z, level, state.codebooks), m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"])
     )
-    return {"centroids": cents, "counts": counts.astype(np.int32)}
+    cents, counts = release.supported_centroids(cents, counts, policy.min_count)
+    return {"centroids": cents, "counts": policy.round_counts(counts).astype(np.int32)}
 
 
-def codebook_update(z: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
-    """What the server needs to move the global codebooks, keyed ``<level>.<what>``."""
+def codebook_update(
+    z: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: dict[str, Any], policy: ClientPolicy
+) -> tuple[dict[str, np.ndarray], int]:
+    """What the server needs to move the global codebooks, keyed ``<level>.<what>``,
+    and how many small cells were withheld."""
     mode = codebook_mode(cfg)
     seed = int(cfg["seed"])
     if mode in ("none", "local"):
-        return {}
+        return {}, 0
     if mode == "average_independent":
-        own = train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), seed + int(cfg["server-round"]))
-        return {f"{level}.centroids": c for level, c in own.items()}
+        own = train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), seed + int(cfg["server-round"]), policy.min_count)
+        return {f"{level}.centroids": c for level, c in own.items()}, 0
     update: dict[str, np.ndarray] = {}
+    withheld = 0
     for level in spec.levels:
         zl = _level_input(z, level, books)
         if mode == "lloyd":
             sums, counts, _ = lloyd.lloyd_statistics(zl, books[level])
+            sums, counts, small = release.suppress_small_cells(sums, counts, policy.min_count)
+            withheld += small
             update[f"{level}.sums"] = sums.astype(np.float32)
             update[f"{level}.counts"] = counts.astype(np.int32)
         elif mode == "average_refined":
             iters = int(cfg["strategy"]["flower"]["local_iters"])
-            update[f"{level}.centroids"] = lloyd.local_refinement(zl, books[level], iters, seed)
+            refined, counts = lloyd.local_refinement(zl, books[level], iters, seed)
+            update[f"{level}.centroids"] = release.keep_unsupported_at(books[level], refined, counts, policy.min_count)
+            withheld += int((counts < policy.min_count).sum())
         else:
             raise ValueError(f"unknown codebook_update mode {mode!r}")
-    return update
+    return update, withheld
 
 
-def train(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+def train(
+    state: GlobalState, x: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """Train the encoder locally, then compute this strategy's codebook update.
 
     Returns (encoder weights, codebook update arrays, metrics).
     """
+    release.check_shard_size(x.shape[0], policy.min_count)
     spec = index_spec(cfg)
     t = cfg["train"]
     settings = TrainSettings(
@@ -115,18 +140,58 @@ def train(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[
     books = shard_codebooks(state, x, spec, cfg)
     weights, losses = train_encoder(state.encoder, x, [books[lvl] for lvl in spec.levels], settings)
     z = encode(load_encoder(weights), x)
-    return weights, codebook_update(z, books, spec, cfg), {"num-examples": float(x.shape[0]), **losses}
+    update, withheld = codebook_update(z, books, spec, cfg, policy)
+    metrics = {"num-examples": policy.round_examples(x.shape[0]), "cells-withheld": float(withheld), **losses}
+    return weights, update, metrics
 
 
-def distortion(state: GlobalState, x: np.ndarray, cfg: dict[str, Any]) -> dict[str, float]:
-    """Mean ||z - q(z)||^2 and ||z||^2 over the shard; FedAvg's weighting by
-    num-examples turns them into exact means over the union."""
+ESTIMATE_KEYS = ("recall_1_at_1", "recall_1_at_10", "recall_10_at_10")
+
+
+def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> dict[str, float]:
+    """The shard's privacy-safe evaluation: aggregates over all its vectors only.
+
+    - mean ||z - q(z)||^2 and ||z||^2 (weighted by num-examples they average to the union);
+    - its own recall estimate: a held-out sample of its vectors queries the compressed
+      index of the others, scored against exact search on them, all locally.
+    """
+    release.check_shard_size(x.shape[0], policy.min_count)
     spec = index_spec(cfg)
     z = encode(load_encoder(state.encoder), x)
     books = shard_codebooks(state, x, spec, cfg)
     sse = float(squared_errors(z, books).sum()) if books else 0.0
     n = x.shape[0]
-    return {"num-examples": float(n), "distortion": sse / n, "energy": float((z.astype(np.float64) ** 2).sum()) / n}
+    out = {
+        "num-examples": policy.round_examples(n),
+        "distortion": sse / n,
+        "energy": float((z.astype(np.float64) ** 2).sum()) / n,
+    }
+    out.update(local_recall(z, x, ids, books, spec, cfg, policy))
+    return out
+
+
+def local_recall(
+    z: np.ndarray, x: np.ndarray, ids: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: dict[str, Any], policy: ClientPolicy
+) -> dict[str, float]:
+    """Recall of this shard's compressed index on a held-out sample of its own vectors.
+
+    ``estimate.queries`` is 0 (and the recalls 0) when the shard is too small to hold
+    out ``min_count`` queries and still have k vectors to search.
+    """
+    k = int(cfg["eval"]["k"])
+    n = x.shape[0]
+    nq = min(int(cfg["eval"]["local_queries"]), n // 2)
+    if nq < policy.min_count or n - nq < k:
+        return {"estimate.queries": 0.0, **{f"estimate.{key}": 0.0 for key in ESTIMATE_KEYS}}
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(int(cfg["seed"])).choice(n, nq, replace=False)] = True
+    index = build_index(spec, z[~held], ids[~held], books)
+    _, found = index.search(z[held], k)
+    exact = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
+    exact.add_with_ids(x[~held], ids[~held])
+    _, truth = exact.search(x[held], k)
+    report = recall_report(found, truth)
+    return {"estimate.queries": float(nq), **{f"estimate.{key}": report[key] for key in ESTIMATE_KEYS}}
 
 
 def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, cfg: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -12,10 +12,14 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from .privacy.policy import ClientPolicy
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 INDEX_KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")
+EVAL_PROTOCOLS = ("private", "trusted")
+INIT_SOURCES = ("clients", "public")
 
 
 class ConfigError(ValueError):
@@ -74,4 +78,14 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     need(t["batch_size"] >= 2, "train.batch_size", "must be >= 2 (the task loss uses pairs)")
     need(t["lr"] > 0, "train.lr", "must be > 0")
     need(t["lam"] >= 0 and t["gamma"] >= 0, "train.lam/train.gamma", "loss weights must be >= 0")
-    need(cfg["eval"]["k"] >= 10, "eval.k", "must be >= 10 to report 10-recall@10")
+    ev = cfg["eval"]
+    need(ev["k"] >= 10, "eval.k", "must be >= 10 to report 10-recall@10")
+    need(ev["protocol"] in EVAL_PROTOCOLS, "eval.protocol", f"{ev['protocol']!r} is not one of {', '.join(EVAL_PROTOCOLS)}")
+    need(isinstance(ev["local_queries"], int) and ev["local_queries"] >= 1, "eval.local_queries", f"must be an integer >= 1, got {ev['local_queries']!r}")
+    need(cfg["init"]["source"] in INIT_SOURCES, "init.source", f"{cfg['init']['source']!r} is not one of {', '.join(INIT_SOURCES)}")
+    try:
+        policy = ClientPolicy.from_mapping(cfg["privacy"], source="privacy group")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if ev["protocol"] == "trusted":
+        need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients would refuse it")

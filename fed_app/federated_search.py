@@ -27,6 +27,7 @@ class MergedResults:
     exact: tuple[np.ndarray, np.ndarray]
     answered: list[int]
     missing: list[int]
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,32 +45,57 @@ class SearchResults:
     missing: list[int]
     lims: np.ndarray | None = None
     model_versions: dict[int, int] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
 
 
-def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message], list[int], list[int]]:
-    """One query message per connected node; returns (ok replies, answered, missing)."""
+class QueryRefused(RuntimeError):
+    """Every shard that replied refused the request (each reply names its limit)."""
+
+    def __init__(self, message: str, refused: dict[int, str], missing: list[int]) -> None:
+        super().__init__(message)
+        self.refused, self.missing = refused, missing
+
+
+def refusal_of(reply: Message) -> str | None:
+    """A node's refusal (a limit it enforces), or None for an answer."""
+    if "refusal" not in reply.content.config_records:
+        return None
+    r = reply.content["refusal"]
+    return f"{r['limit']}: {r['reason']}"
+
+
+def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message], list[int], list[int], dict[int, str]]:
+    """One query message per connected node; returns (answers, answered, missing, refused)."""
     nodes = sorted(grid.get_node_ids())
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    ok = []
+    ok, refused, failed = [], {}, set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "query: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(WARNING, "query: node %d failed: %s", node, reply.error.reason)
+            failed.add(node)
+        elif (why := refusal_of(reply)) is not None:
+            log(WARNING, "query: node %d refused: %s", node, why)
+            refused[node] = why
         else:
             ok.append(reply)
     ok.sort(key=lambda r: r.metadata.src_node_id)  # equal distances merge in node order
     answered = [r.metadata.src_node_id for r in ok]
-    missing = sorted(set(nodes) - set(answered))
+    missing = sorted(set(nodes) - set(answered) - set(refused))
     if missing:
         log(WARNING, "query: no answer from node(s) %s; results cover the %d shard(s) that answered", missing, len(answered))
+    if not ok and refused:
+        reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(refused.items()))
+        raise QueryRefused(f"query refused by every shard that replied ({reasons})", refused, missing)
     if not ok:
         raise RuntimeError(f"query: no shard answered (nodes {nodes})")
-    return ok, answered, missing
+    return ok, answered, missing, refused
 
 
 def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: int, config: ConfigRecord, timeout: float) -> MergedResults:
     """Evaluation: global top-k merged from the per-shard top-k, compressed and exact."""
     content = RecordDict({"arrays": arrays, "queries": record_of({"vectors": queries}), "config": config})
-    ok, answered, missing = _send(grid, content, timeout)
+    ok, answered, missing, refused = _send(grid, content, timeout)
     parts: dict[str, list[np.ndarray]] = {}
     for rank, reply in enumerate(ok):
         for key, arr in reply.content["results"].items():
@@ -80,6 +106,7 @@ def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: in
         exact=merge_topk(parts["exact.distances"], parts["exact.ids"], k),
         answered=answered,
         missing=missing,
+        refused=refused,
     )
 
 
@@ -142,7 +169,7 @@ def search_federation(grid: Grid, queries: np.ndarray, config: ConfigRecord, tim
         raise ValueError("give exactly one of k (top-k search) or radius (range search)")
     config = ConfigRecord({**dict(config.items()), "mode": "search", **({"k": k} if k else {"radius": float(radius)})})
     content = RecordDict({"queries": record_of({"vectors": queries}), "config": config})
-    ok, answered, missing = _send(grid, content, timeout)
+    ok, answered, missing, refused = _send(grid, content, timeout)
     nodes = [r.metadata.src_node_id for r in ok]
     res = [{key: a.numpy() for key, a in r.content["results"].items()} for r in ok]
     versions = {n: int(r.content["metrics"]["model-version"]) for n, r in zip(nodes, ok)}
@@ -150,6 +177,6 @@ def search_federation(grid: Grid, queries: np.ndarray, config: ConfigRecord, tim
         log(WARNING, "search: shards are encoded with different model versions %s; their distances are not comparable", versions)
     if k is not None:
         d, i, o = merge_qualified(nodes, [r["distances"] for r in res], [r["ids"] for r in res], k)
-        return SearchResults(d, i, o, answered, missing, model_versions=versions)
+        return SearchResults(d, i, o, answered, missing, model_versions=versions, refused=refused)
     lims, d, i, o = merge_ranges(nodes, [(r["lims"], r["distances"], r["ids"]) for r in res])
-    return SearchResults(d, i, o, answered, missing, lims=lims, model_versions=versions)
+    return SearchResults(d, i, o, answered, missing, lims=lims, model_versions=versions, refused=refused)

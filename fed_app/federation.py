@@ -19,17 +19,19 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from hydra.utils import instantiate
 
-from vector_index.datasets import Dataset
+from vector_index.datasets import Dataset, load_npy_file
 from vector_index.quantizers import IndexSpec, train_reference_index
 from vector_index.topk import recall_report
 
 from . import lloyd
-from .client_tasks import index_spec
+from .client_tasks import ESTIMATE_KEYS, index_spec, train_local_codebooks
 from .config import validate
-from .encoder import affine_of, initial_weights
-from .federated_search import federated_search, unqualify
+from .encoder import affine_of, encode, initial_weights, load_encoder
+from .federated_search import federated_search
 from .local_data import load_dataset
+from .privacy.report import privacy_summary
 from .settings import client_config
+from .simulator_truth import exact_neighbours, true_metrics
 from .state import GlobalState, arrays_of, record_nbytes
 from .summary import final_table, write_summary
 
@@ -46,10 +48,12 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     return nodes
 
 
-def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float) -> int:
-    """One-shot init: clients send local centroids + counts, the server clusters them.
+def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float, withheld: dict[int, str]) -> int:
+    """One-shot init: clients send local centroids supported by >= min-count vectors,
+    with rounded counts; the server clusters them, weighted (k-FED style).
 
-    Returns the bytes one client uploaded (mean), for the communication report.
+    Returns the bytes one client uploaded (mean), for the communication report; fills
+    ``withheld`` with the nodes that sent nothing and why.
     """
     nodes = sorted(grid.get_node_ids())
     nbytes = []
@@ -60,19 +64,47 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
         replies = [r for r in grid.send_and_receive([Message(content=content, message_type="train.init", dst_node_id=n) for n in nodes], timeout=timeout)]
         # replies arrive in any order; sort them by content so the server's k-means
         # sees the same input every run (a seed alone does not make it reproducible)
-        ok = sorted((r for r in replies if not r.has_error()), key=lambda r: hashlib.sha1(r.content["init"]["centroids"].numpy().tobytes()).hexdigest())
+        ok = sorted((r for r in replies if not r.has_error() and "init" in r.content.array_records),
+                    key=lambda r: hashlib.sha1(r.content["init"]["centroids"].numpy().tobytes()).hexdigest())
         for r in replies:
             if r.has_error():
                 log(INFO, "init: node %d failed: %s", r.metadata.src_node_id, r.error.reason)
+            elif "withheld" in r.content.config_records:
+                withheld[r.metadata.src_node_id] = str(r.content["withheld"]["reason"])
+                log(INFO, "init: node %d sent no centroids: %s", r.metadata.src_node_id, withheld[r.metadata.src_node_id])
         if not ok:
-            raise RuntimeError(f"init ({level}): no client answered")
+            raise RuntimeError(f"init ({level}): no client sent centroids; see the log for each node's reason")
         m, k, _ = spec.level_shape(level, _dim(state))
         cents = [r.content["init"]["centroids"].numpy() for r in ok]
         counts = [r.content["init"]["counts"].numpy() for r in ok]
+        supported = int(min((c > 0).sum(axis=1).min() for c in counts) if counts else 0)
+        total = int(sum((c > 0).sum(axis=1).min() for c in counts))
+        if total < k:
+            raise RuntimeError(
+                f"init ({level}): the clients sent only {total} centroids supported by their min-count per sub-space, "
+                f"the codebook needs K={k}; raise init.local_k, use init.source=public, or use fewer bits/lists"
+            )
         nbytes += [record_nbytes(r.content["init"]) for r in ok]
         state.codebooks[level] = lloyd.weighted_merge(cents, counts, k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
-        log(INFO, "init %s: %d clients sent %d local centroids per sub-space -> K=%d", level, len(ok), sum(c.shape[1] for c in cents), k)
+        log(INFO, "init %s: %d clients sent %d supported local centroids per sub-space (fewest from one client: %d) -> K=%d",
+            level, len(ok), total, supported, k)
     return int(np.mean(nbytes)) if nbytes else 0
+
+
+def public_init(state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], data: Dataset) -> int:
+    """Init from public vectors (``init.public_path``, else the public queries): faiss
+    k-means on the server, nothing asked of any client. Returns the vectors used."""
+    path = cfg["init"].get("public_path")
+    public = load_npy_file(str(path), name="init.public_path") if path else data.queries
+    if public.shape[1] != _dim(state):
+        raise ValueError(f"init.public_path: {public.shape[1]}-d vectors but the federation trains on {_dim(state)}-d vectors")
+    most = max(spec.level_shape(level, _dim(state))[1] for level in spec.levels)
+    if public.shape[0] < most:
+        raise ValueError(f"init.source=public: {public.shape[0]} public vectors cannot seed {most} centroids")
+    z = encode(load_encoder(state.encoder), public)
+    state.codebooks.update(train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"])))
+    log(INFO, "init: codebooks from %d public vectors (%s); no client statistics used", public.shape[0], path or "the held-out queries")
+    return int(public.shape[0])
 
 
 def deploy_model(grid: Grid, arrays: ArrayRecord, cfg: dict[str, Any], out_dir: Path, model_version: int, timeout: float) -> dict[str, Any]:
@@ -130,14 +162,26 @@ def reference_metrics(spec: IndexSpec, data: Dataset, truth: np.ndarray, k: int,
     return out
 
 
-class RoundEvaluator:
-    """Flower's ``evaluate_fn``: distortion (from the clients' evaluate replies) and
-    recall of the merged federated top-k, after init (round 0) and every round."""
+SOURCE_SIMULATOR = "simulator: true recall of the global model over the union of shards, computed outside the federation"
+SOURCE_TRUSTED = "federation, trusted protocol: exact per-query distances from every shard (simulation only)"
+SOURCE_ESTIMATE = "federation's private estimate: shards' own held-out recall and distortion, averaged"
 
-    def __init__(self, grid: Grid, strategy: Any, cfg: dict[str, Any], queries: np.ndarray, timeout: float) -> None:
-        self.grid, self.strategy, self.cfg, self.queries, self.timeout = grid, strategy, cfg, queries, timeout
+
+class RoundEvaluator:
+    """Flower's ``evaluate_fn``, after init (round 0) and every round.
+
+    Always: the federation's private aggregates (distortion, each shard's own recall
+    estimate) from the clients' evaluate replies. Then, on evaluation rounds, the truth:
+    the simulator's (private protocol, simulated shards), or the trusted protocol's
+    per-query answers. In deployment the estimate is all there is.
+    """
+
+    def __init__(self, grid: Grid, strategy: Any, cfg: dict[str, Any], data: Dataset, timeout: float) -> None:
+        self.grid, self.strategy, self.cfg, self.data, self.timeout = grid, strategy, cfg, data, timeout
         self.rounds: list[dict[str, float]] = []
         self.truth: np.ndarray | None = None
+        self.source = SOURCE_ESTIMATE
+        self.trusted = cfg["eval"]["protocol"] == "trusted"
         self.t0 = time.time()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -149,24 +193,44 @@ class RoundEvaluator:
         ev = self.strategy.latest_evaluate or {}
         row: dict[str, float] = {"round": server_round}
         if "distortion" in ev:
-            row["distortion"] = float(ev["distortion"])
-            row["relative_distortion"] = float(ev["distortion"]) / max(float(ev["energy"]), 1e-30)
+            row["estimate.distortion"] = float(ev["distortion"])
+            row["estimate.relative_distortion"] = float(ev["distortion"]) / max(float(ev["energy"]), 1e-30)
+            row.update({f"estimate.{key}": float(ev[f"estimate.{key}"]) for key in ESTIMATE_KEYS if f"estimate.{key}" in ev})
         every = int(self.cfg["eval"]["every"])
         if server_round % every == 0 or server_round == int(self.cfg["num_rounds"]):
-            res = federated_search(self.grid, arrays, self.queries, int(self.cfg["eval"]["k"]), client_config(self.cfg), self.timeout)
-            self.truth = unqualify(res.exact[1])  # plain ids, as the pooled reference index returns
-            row.update(recall_report(res.compressed[1], res.exact[1]))
-            row["shards_answered"] = len(res.answered)
+            row.update(self._truth_or_estimate(server_round, arrays, row))
         row.update(self.strategy.round_log.get(server_round, {}))
         row["elapsed_s"] = round(time.time() - self.t0, 2)
         self.rounds.append(row)
         log(
             INFO,
-            "[fedvec] round %d/%d  distortion %.4f  10-R@10 %s  (%.1fs)",
-            server_round, self.cfg["num_rounds"], row.get("distortion", float("nan")),
-            f"{row['recall_10_at_10']:.4f}" if "recall_10_at_10" in row else "-", row["elapsed_s"],
+            "[fedvec] round %d/%d  distortion %.4f  10-R@10 %s (private estimate %s)  (%.1fs)",
+            server_round, self.cfg["num_rounds"], row.get("distortion", row.get("estimate.distortion", float("nan"))),
+            f"{row['recall_10_at_10']:.4f}" if "recall_10_at_10" in row else "-",
+            f"{row['estimate.recall_10_at_10']:.4f}" if "estimate.recall_10_at_10" in row else "-", row["elapsed_s"],
         )
         return MetricRecord({k: v for k, v in row.items() if k != "round"})
+
+    def _truth_or_estimate(self, server_round: int, arrays: ArrayRecord, row: dict[str, float]) -> dict[str, float]:
+        k = int(self.cfg["eval"]["k"])
+        if self.trusted:
+            res = federated_search(self.grid, arrays, self.data.queries, k, client_config(self.cfg), self.timeout)
+            out = recall_report(res.compressed[1], res.exact[1])
+            out["shards_answered"] = len(res.answered)
+            out["distortion"] = row.get("estimate.distortion", float("nan"))
+            out["relative_distortion"] = row.get("estimate.relative_distortion", float("nan"))
+            self.source = SOURCE_TRUSTED
+            return out
+        if self.strategy.all_simulated:
+            if self.truth is None:
+                self.truth = exact_neighbours(self.data, k)
+            self.source = SOURCE_SIMULATOR
+            return true_metrics(GlobalState.from_record(arrays), self.cfg, self.data, self.truth)
+        self.source = SOURCE_ESTIMATE
+        return {key: row[f"estimate.{key}"] for key in ("distortion", "relative_distortion", *ESTIMATE_KEYS) if f"estimate.{key}" in row}
+
+
+FINAL_KEYS = ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at_10", "recall_10_at_10")
 
 
 def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
@@ -177,10 +241,20 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     spec = index_spec(cfg)
     timeout = float(cfg["timeout_s"])
     wait_for_nodes(grid, int(cfg["num_clients"]), timeout)
+    if cfg["eval"]["protocol"] == "trusted":
+        log(WARNING, "eval.protocol=trusted: every shard returns exact distances to the evaluation queries; "
+            "simulation research mode only, recorded in final.privacy (deployed SuperNodes refuse it)")
 
     state = GlobalState(encoder=initial_weights(data.base.shape[1], str(cfg["model"]["kind"])))
     local = cfg["strategy"]["flower"]["codebook_update"] == "local"
-    init_bytes = 0 if local else initialise_codebooks(grid, state, spec, cfg, timeout)
+    init_withheld: dict[int, str] = {}
+    init_bytes, public_vectors = 0, 0
+    if local:
+        pass
+    elif cfg["init"]["source"] == "public":
+        public_vectors = public_init(state, spec, cfg, data)
+    else:
+        init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld)
 
     strategy = instantiate(
         cfg["strategy"]["flower"],
@@ -192,7 +266,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         min_replies=int(cfg["min_clients"]),
         seed=int(cfg["seed"]),
     )
-    evaluator = RoundEvaluator(grid, strategy, cfg, data.queries, timeout)
+    evaluator = RoundEvaluator(grid, strategy, cfg, data, timeout)
     result = strategy.start(
         grid,
         state.to_record(),
@@ -207,16 +281,27 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     model_path = save_global_model(final_state, model_version, out_dir)
     deployed = deploy_model(grid, result.arrays, cfg, out_dir, model_version, timeout) if cfg["save_shards"] else None
     final_row = evaluator.rounds[-1]
-    federated = {k: final_row[k] for k in ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at_10", "recall_10_at_10") if k in final_row}
+    federated = {k: final_row[k] for k in FINAL_KEYS if k in final_row}
+    federated["source"] = evaluator.source
+    estimate = {k: final_row[f"estimate.{k}"] for k in FINAL_KEYS if f"estimate.{k}" in final_row}
+    if evaluator.source != SOURCE_ESTIMATE:
+        estimate["error"] = {k: estimate[k] - federated[k] for k in FINAL_KEYS if k in estimate and k in federated}
+    estimate["source"] = SOURCE_ESTIMATE
     uploads = [r["bytes_up_per_client"] for r in evaluator.rounds if "bytes_up_per_client" in r]
     final: dict[str, Any] = {
         "federated": federated,
+        "federated_estimate": estimate,
         "bytes_per_vector": spec.code_size(data.base.shape[1]),
         "bytes_up_per_client_per_round": float(np.mean(uploads)) if uploads else 0.0,
         "bytes_up_per_client_init": init_bytes,
+        "privacy": privacy_summary(cfg, strategy, init_withheld, public_vectors),
     }
     if cfg["eval"]["centralized"]:
-        final["centralized"] = reference_metrics(spec, data, evaluator.truth, int(cfg["eval"]["k"]), int(cfg["seed"]))
+        if strategy.all_simulated:
+            truth = evaluator.truth if evaluator.truth is not None else exact_neighbours(data, int(cfg["eval"]["k"]))
+            final["centralized"] = reference_metrics(spec, data, truth, int(cfg["eval"]["k"]), int(cfg["seed"]))
+        else:
+            log(WARNING, "eval.centralized: skipped, the shards are not the simulator's (no pooled data exists to train on)")
     summary = {
         "final": final,
         "rounds": evaluator.rounds,

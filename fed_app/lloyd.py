@@ -56,13 +56,17 @@ def lloyd_update(
     return out, n_empty
 
 
-def local_refinement(x: np.ndarray, codebook: np.ndarray, iters: int, seed: int) -> np.ndarray:
-    """A few local Lloyd iterations from the global codebook (a baseline's client step)."""
+def local_refinement(x: np.ndarray, codebook: np.ndarray, iters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A few local Lloyd iterations from the global codebook (a baseline's client step).
+
+    Returns the refined codebook and how many local vectors each centroid had last.
+    """
     out = codebook
+    counts = np.zeros(codebook.shape[:2], dtype=np.int64)
     for _ in range(iters):
         sums, counts, _ = lloyd_statistics(x, out)
         out, _ = lloyd_update(sums, counts, out, "keep", seed)
-    return out
+    return out, counts
 
 
 def local_centroids(x: np.ndarray, m: int, k: int, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,11 @@ def load_dataset(data_spec: dict[str, Any]) -> Dataset:
     return _dataset(json.dumps(data_spec, sort_keys=True))
 
 
+def client_partitions(cfg: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Every simulated client's base row numbers (the simulator's view of the shards)."""
+    return _partitions(json.dumps(cfg["data"], sort_keys=True), json.dumps(cfg["partition"], sort_keys=True), int(cfg["num_clients"]))
+
+
 def client_shard(cfg: dict[str, Any], partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, global ids) of this client's partition."""
     if num_partitions != cfg["num_clients"]:

@@ -10,7 +10,7 @@ received); the server writes the merged, node-qualified hits with ``np.savez``.
 from __future__ import annotations
 
 import json
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from vector_index.datasets import load_npy_file
 
-from .federated_search import SearchResults, search_federation
+from .federated_search import QueryRefused, SearchResults, search_federation
 
 
 def save_results(res: SearchResults, path: Path) -> Path:
@@ -33,9 +33,19 @@ def save_results(res: SearchResults, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
-    info = {"answered": res.answered, "missing": res.missing, "model_versions": {str(n): v for n, v in res.model_versions.items()}}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    info = {
+        "answered": res.answered,
+        "missing": res.missing,
+        "refused": {str(n): why for n, why in res.refused.items()},
+        "model_versions": {str(n): v for n, v in res.model_versions.items()},
+    }
+    write_sidecar(path, info)
     return path
+
+
+def write_sidecar(path: Path, info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
 
 
 def run_search(grid: Grid, run_config: dict, timeout: float) -> Path:
@@ -46,6 +56,12 @@ def run_search(grid: Grid, run_config: dict, timeout: float) -> Path:
     if radius < 0 or (radius == 0 and k < 1):
         raise ValueError(f"search needs k >= 1 (got {k}) or radius > 0 (got {radius})")
     ranged = radius > 0
-    res = search_federation(grid, queries, ConfigRecord({}), timeout, k=None if ranged else k, radius=radius if ranged else None)
-    log(INFO, "search: %d queries answered by %d shard(s); missing %s", queries.shape[0], len(res.answered), res.missing or "none")
+    try:
+        res = search_federation(grid, queries, ConfigRecord({}), timeout, k=None if ranged else k, radius=radius if ranged else None)
+    except QueryRefused as exc:  # no hits to write; the sidecar says who refused and why
+        write_sidecar(out, {"answered": [], "missing": exc.missing, "refused": {str(n): why for n, why in exc.refused.items()}})
+        log(ERROR, "search: %s", exc)
+        raise
+    log(INFO, "search: %d queries answered by %d shard(s); missing %s; refused %s",
+        queries.shape[0], len(res.answered), res.missing or "none", res.refused or "none")
     return save_results(res, out)

@@ -17,6 +17,9 @@ from vector_index.validation import VectorError
 
 from .client_tasks import index_spec, shard_codebooks
 from .encoder import affine_of
+from .privacy.policy import ClientPolicy, Refusal
+
+RAW_KINDS = ("flat", "hnsw")  # index kinds that store raw vectors: their distances are exact
 from .state import GlobalState
 
 
@@ -63,13 +66,24 @@ def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: 
     return {"count": float(stats["count"]), "version": float(version), "model-version": float(model_version), "bytes-on-disk": float(stats["bytes_on_disk"])}
 
 
-def search(path: Path, queries: np.ndarray, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """Top-k (``k``) or range (``radius``) hits of the persisted, encoded shard."""
+def search(path: Path, queries: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> tuple[dict[str, np.ndarray], int]:
+    """Top-k (``k``) or range (``radius``) hits of the persisted, encoded shard.
+
+    Distances are those of the compressed codes (never of the raw vectors), rounded to
+    the node's grid; a range result set beyond the node's limit is refused whole.
+    """
     shard = open_shard(path)
     if not shard.encoded:
         raise VectorError(f"shard {str(path)!r} has not received a global model yet; train the federation first")
+    if shard.spec.kind in RAW_KINDS:
+        raise Refusal(
+            "index-kind",
+            f"this shard's index ({shard.spec.kind}) stores raw vectors, so its distances to a query would be exact; "
+            "it answers searches only with a compressed index (pq, ivfpq, hnswpq, opqpq)",
+        )
     if "radius" in cfg:
         lims, d, i = shard.range_search(queries, float(cfg["radius"]))
-        return {"lims": lims.astype(np.int64), "distances": d, "ids": i}, int(shard.model_version)
+        policy.check_range(lims)
+        return {"lims": lims.astype(np.int64), "distances": policy.round_distances(d), "ids": i}, int(shard.model_version)
     d, i = shard.search(queries, int(cfg["k"]))
-    return {"distances": d, "ids": i}, int(shard.model_version)
+    return {"distances": policy.round_distances(d), "ids": i}, int(shard.model_version)

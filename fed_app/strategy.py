@@ -61,6 +61,9 @@ class CodebookMixin:
         self._codebooks: dict[str, np.ndarray] = {}
         self.round_log: dict[int, dict[str, float]] = {}
         self.latest_evaluate: MetricRecord | None = None
+        self.withheld: dict[int, dict[int, str]] = {}  # round -> node -> why it sent nothing
+        self.all_simulated = False  # every evaluated shard is a simulation partition
+        self.node_policies: dict[int, dict] = {}  # the limits each node says it enforces
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Let the base strategy see the encoder only; ship codebooks beside it."""
@@ -74,6 +77,19 @@ class CodebookMixin:
         self._sent[server_round] = sorted(msg.metadata.dst_node_id for msg in messages)
         return messages
 
+    def _drop_withheld(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Replies of shards that released nothing (too small for their min-count) are
+        answers, not failures, but they carry nothing to aggregate."""
+        kept = []
+        for msg in replies:
+            if not msg.has_error() and "withheld" in msg.content.config_records:
+                node = msg.metadata.src_node_id
+                self.withheld.setdefault(server_round, {})[node] = str(msg.content["withheld"]["reason"])
+                log(INFO, "round %d: node %d withheld its statistics: %s", server_round, node, msg.content["withheld"]["reason"])
+            else:
+                kept.append(msg)
+        return kept
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = sorted(replies, key=_content_digest)  # arrival order must not change sums
         updates, weights, nbytes, answered = [], [], [], set()
@@ -82,6 +98,10 @@ class CodebookMixin:
                 log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
             answered.add(msg.metadata.src_node_id)
+        replies = self._drop_withheld(server_round, replies)
+        for msg in replies:
+            if msg.has_error():
+                continue
             nbytes.append(sum(record_nbytes(r) for r in msg.content.array_records.values()))
             updates.append(arrays_of(msg.content.array_records.pop("codebook-update")))
             weights.append(float(next(iter(msg.content.metric_records.values()))["num-examples"]))
@@ -92,7 +112,7 @@ class CodebookMixin:
                 WARNING, "round %d: no usable reply from node(s) %s (died, failed or timed out); aggregating %d of %d",
                 server_round, self.missing[server_round], len(answered), len(sent),
             )
-        if len(answered) < self.min_replies:
+        if len(answered) < self.min_replies or not updates:
             log(WARNING, "round %d: %d replies < min_clients=%d, global model unchanged", server_round, len(answered), self.min_replies)
             self.round_log[server_round] = {"clients": float(len(answered)), "clients_missing": float(len(self.missing[server_round]))}
             return None, None
@@ -129,7 +149,23 @@ class CodebookMixin:
         return out, n_empty
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self.latest_evaluate = super().aggregate_evaluate(server_round, replies)
+        """Distortion and energy weighted by num-examples (FedAvg); each shard's recall
+        estimate weighted by its number of held-out queries; the limits nodes report."""
+        replies = self._drop_withheld(server_round, sorted(replies, key=_content_digest))
+        ok = [m for m in replies if not m.has_error()]
+        self.latest_evaluate = super().aggregate_evaluate(server_round, replies) if ok else None
+        if self.latest_evaluate is None:
+            return None
+        metrics = [next(iter(m.content.metric_records.values())) for m in ok]
+        nq = np.array([float(r.get("estimate.queries", 0.0)) for r in metrics])
+        for key in [k for k in metrics[0] if k.startswith("estimate.") and k != "estimate.queries"]:
+            if nq.sum() > 0:
+                self.latest_evaluate[key] = float(np.array([float(r[key]) for r in metrics]) @ nq / nq.sum())
+            else:  # no shard could hold out queries: no estimate (rather than a made-up 0)
+                del self.latest_evaluate[key]
+        self.latest_evaluate["estimate.queries"] = float(nq.sum())
+        self.all_simulated = all(float(r.get("simulated-partition", 0.0)) == 1.0 for r in metrics)
+        self.node_policies = {m.metadata.src_node_id: dict(m.content["policy"].items()) for m in ok if "policy" in m.content.config_records}
         return self.latest_evaluate
 
 

@@ -31,10 +31,24 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def final_table(final: dict[str, Any]) -> str:
-    cols = ["federated"] + (["centralized"] if "centralized" in final else [])
-    lines = [f"{'metric':<34}" + "".join(f"{c:>14}" for c in cols)]
+    """Federated (truth in simulation), the federation's private estimate, centralized."""
+    cols = [("federated", "federated")]
+    if final.get("federated_estimate", {}).get("source") != final["federated"].get("source"):
+        cols.append(("private estimate", "federated_estimate"))
+    if "centralized" in final:
+        cols.append(("centralized", "centralized"))
+    lines = [f"{'metric':<34}" + "".join(f"{label:>18}" for label, _ in cols)]
     for label, key in TABLE_KEYS:
-        lines.append(f"{label:<34}" + "".join(f"{final[c].get(key, float('nan')):>14.4f}" for c in cols))
-    lines.append(f"{'bytes per vector':<34}{final['bytes_per_vector']:>14}")
-    lines.append(f"{'bytes up per client per round':<34}{final['bytes_up_per_client_per_round']:>14.0f}")
+        lines.append(f"{label:<34}" + "".join(f"{final[c].get(key, float('nan')):>18.4f}" for _, c in cols))
+    lines.append(f"{'bytes per vector':<34}{final['bytes_per_vector']:>18}")
+    lines.append(f"{'bytes up per client per round':<34}{final['bytes_up_per_client_per_round']:>18.0f}")
+    lines.append(f"federated figures from the {final['federated'].get('source', '?')}")
+    if "privacy" in final:
+        p = final["privacy"]
+        limits = ", ".join(f"{k}={v}" for k, v in p["node_limits"].items())
+        dp = p["differential_privacy"]
+        lines.append(f"privacy: eval.protocol={p['eval_protocol']}; node limits {limits or 'unknown'}; "
+                     f"secure aggregation {'on' if p['secure_aggregation'] else 'off'}; "
+                     f"DP {'epsilon=%s delta=%s' % (dp['epsilon'], dp['delta']) if dp['on'] else 'off'}")
+        lines += [f"privacy WARNING: {w}" for w in p["warnings"]]
     return "\n".join(lines)

@@ -14,7 +14,9 @@ from pathlib import Path
 RECALLS = ("recall_10_at_10", "recall_1_at_1")
 
 
-def problems(summary: dict, centralized: bool) -> list[str]:
+def problems(summary: dict, centralized: bool, provenance: bool = True) -> list[str]:
+    """What breaks the result contract. ``provenance``: also require ``final.privacy``
+    and ``final.federated.source`` (summaries written before they existed lack them)."""
     out = []
     final = summary.get("final", {})
     sides = ["federated"] + (["centralized"] if centralized else [])
@@ -33,6 +35,13 @@ def problems(summary: dict, centralized: bool) -> list[str]:
         out.append("rounds[] missing or a round lacks round/distortion")
     if "config" not in summary:
         out.append("config missing")
+    if not provenance:
+        return out
+    privacy = final.get("privacy")
+    if not isinstance(privacy, dict) or "eval_protocol" not in privacy or "differential_privacy" not in privacy:
+        out.append("final.privacy missing (the protections in force)")
+    if not final.get("federated", {}).get("source"):
+        out.append("final.federated.source missing (simulator truth or the federation's estimate)")
     return out
 
 

@@ -130,7 +130,7 @@ def load_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
         row["status"] = "incomplete"  # still running, killed, or summary.json unreadable
         row["error"] = f"no readable {SUMMARY}"
     else:
-        found = problems(summary, centralized=False)
+        found = problems(summary, centralized=False, provenance=False)
         row["status"] = "invalid" if found else "ok"
         row["error"] = "; ".join(found) or None
     if summary is not None and failed is None:

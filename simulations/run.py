@@ -22,24 +22,31 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fed_app.client_app import app as client_app
+from fed_app.client_app import make_client_app
 from fed_app.config import CONF_DIR, to_plain, validate
 from fed_app.local_data import load_dataset
+from fed_app.privacy.policy import ClientPolicy
 from fed_app.server_app import make_server_app
 
 
-def simulate(cfg: dict, out_dir: Path) -> Path:
-    """Run the ServerApp and ClientApps in this process; returns summary.json's path."""
+def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None) -> Path:
+    """Run the ServerApp and ClientApps in this process; returns summary.json's path.
+
+    ``server_app``: another ServerApp over the same config (the attack suite's server).
+    """
     logging.getLogger("flwr").propagate = False  # Hydra's root handler would print twice
     data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
     validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
     run_simulation(
-        server_app=make_server_app(cfg, out_dir),
-        client_app=client_app,
+        server_app=server_app or make_server_app(cfg, out_dir),
+        # the simulated clients hold the experiment's privacy group themselves: no
+        # message can loosen it (a deployed SuperNode reads its own node config)
+        client_app=make_client_app(ClientPolicy.for_simulation(cfg)),
         num_supernodes=int(cfg["num_clients"]),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"logging_level": "ERROR", "log_to_driver": True}},
     )

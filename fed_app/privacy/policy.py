@@ -1,0 +1,155 @@
+"""A client's own privacy limits, and the checks every request passes through.
+
+The limits come from where the server cannot reach: a deployed SuperNode's
+``--node-config`` (``min-count=5 max-k=100 ...``), with ``conf/privacy/default.yaml`` for
+keys it does not set; or, in ``python -m simulations.run``, the simulator's own
+``privacy`` group handed to the ClientApp in-process. A request beyond a limit is
+refused with a reply naming the limit: never silently obeyed, never silently truncated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "privacy" / "default.yaml"
+BUDGET_RECORD = "privacy-budget"  # Context.state record: queries answered so far in this run
+
+
+class Refusal(Exception):
+    """A request this client will not answer; ``limit`` names the limit it exceeds."""
+
+    def __init__(self, limit: str, reason: str) -> None:
+        super().__init__(reason)
+        self.limit, self.reason = limit, reason
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What a client enforces; see conf/privacy/default.yaml for the meaning of each."""
+
+    min_count: int
+    max_k: int
+    max_range_results: int
+    query_budget: int
+    distance_grid: float
+    examples_digits: int
+    allow_trusted_eval: bool = False  # exact per-query distances: simulated data only
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        for name in ("min_count", "max_k", "max_range_results", "query_budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self._key(name)}: must be an integer >= 1, got {value!r} (from {self.source})")
+        if isinstance(self.examples_digits, bool) or not isinstance(self.examples_digits, int) or self.examples_digits < 0:
+            raise ValueError(f"{self._key('examples_digits')}: must be an integer >= 0, got {self.examples_digits!r} (from {self.source})")
+        g = self.distance_grid
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"{self._key('distance_grid')}: must be a number >= 0, got {g!r} (from {self.source})")
+
+    def _key(self, name: str) -> str:
+        """How the user spells this limit where it came from: node config or conf/."""
+        return _node_key(name) if self.source.startswith("node") else f"privacy.{name}"
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str, allow_trusted_eval: bool = False) -> "ClientPolicy":
+        known = {f.name for f in fields(cls)} - {"source", "allow_trusted_eval"}
+        return cls(**{k: values[k] for k in known}, allow_trusted_eval=allow_trusted_eval, source=source)
+
+    @classmethod
+    def for_simulation(cls, cfg: dict[str, Any]) -> "ClientPolicy":
+        """The simulated clients' own limits: the experiment's ``privacy`` group, held by
+        the simulator (never sent); they answer the trusted protocol only when the
+        experiment itself is run with it."""
+        return cls.from_mapping(
+            cfg["privacy"], f"simulator (privacy={cfg['privacy'].get('name', '?')})", cfg["eval"]["protocol"] == "trusted"
+        )
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> "ClientPolicy":
+        """A SuperNode's limits: its node config over the shipped defaults.
+
+        Only a node without a ``shard-dir`` (its data is the simulation's, rebuilt from
+        what the server sends) answers the trusted evaluation protocol.
+        """
+        values = dict(OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE)))  # type: ignore[arg-type]
+        set_here = []
+        for name in (f.name for f in fields(cls) if f.name in values):
+            key = _node_key(name)
+            if key in node_config:
+                values[name] = _parse(name, node_config[key])
+                set_here.append(key)
+        source = "node config (" + ", ".join(set_here) + ")" if set_here else "node defaults (conf/privacy/default.yaml)"
+        return cls.from_mapping(values, source, allow_trusted_eval="shard-dir" not in node_config)
+
+    def as_record(self) -> dict[str, float | int | str]:
+        """What a client tells the server about its limits (they are not secret)."""
+        return {_node_key(f.name): (int(v) if isinstance(v, bool) else v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def check_k(self, k: int) -> None:
+        if k > self.max_k:
+            raise Refusal("max-k", f"k={k} exceeds this node's max-k={self.max_k}")
+
+    def check_range(self, lims: np.ndarray) -> None:
+        """Refuse a range query whose result set exceeds the limit (no truncation)."""
+        sizes = np.diff(lims)
+        if sizes.size and int(sizes.max()) > self.max_range_results:
+            q = int(sizes.argmax())
+            raise Refusal(
+                "max-range-results",
+                f"the range query returns {int(sizes.max())} results for query {q}, more than this node's max-range-results={self.max_range_results}",
+            )
+
+    def round_distances(self, d: np.ndarray) -> np.ndarray:
+        """Distances on the configured grid (padding stays as it was)."""
+        if self.distance_grid <= 0:
+            return d
+        g = self.distance_grid
+        return np.where(np.isfinite(d), np.round(d / g) * g, d).astype(d.dtype)
+
+    def round_counts(self, counts: np.ndarray) -> np.ndarray:
+        """Sizes or weights the server needs only roughly, to ``examples_digits``
+        significant digits (a shard's exact size is nobody else's business)."""
+        return round_significant(np.asarray(counts, dtype=np.float64), self.examples_digits)
+
+    def round_examples(self, n: int) -> float:
+        return float(self.round_counts(np.asarray([n]))[0])
+
+    def spend(self, used: int, queries: int) -> int:
+        """New count of answered queries, or a refusal if the budget would be exceeded."""
+        if used + queries > self.query_budget:
+            raise Refusal(
+                "query-budget",
+                f"{queries} more queries would exceed this node's query-budget={self.query_budget} for this run ({used} answered so far)",
+            )
+        return used + queries
+
+    def with_overrides(self, **changes: Any) -> "ClientPolicy":
+        return replace(self, **changes)
+
+
+def round_significant(x: np.ndarray, digits: int) -> np.ndarray:
+    """Round non-negative values to ``digits`` significant digits (0 keeps them exact)."""
+    if digits <= 0:
+        return x
+    x = np.asarray(x, dtype=np.float64)
+    mag = np.floor(np.log10(np.where(x > 0, x, 1.0)))
+    scale = 10.0 ** (mag - digits + 1)
+    return np.where(x > 0, np.round(x / scale) * scale, x)
+
+
+def _node_key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse(name: str, value: Any) -> Any:
+    """Node-config values arrive typed from TOML-like syntax; accept ints for floats."""
+    if name == "distance_grid" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
