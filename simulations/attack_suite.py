@@ -47,6 +47,7 @@ RECOVERY_TOL = 1e-3  # a vector counts as recovered within 0.1% of its norm
 EXPOSURE_TOL = 1e-4  # a received row "is" a raw (encoded) sub-vector within 0.01% of its norm
 SMALL_CELL = 5  # counts below this (the default min-count) expose few vectors
 NUM_PROBES = 200  # crafted probe queries per probing attack
+RAISED_K = 1000  # what the active server asks for: 10x the default max-k (and whole small shards)
 SEARCH_K = 100  # within-limits probing asks for the default max-k
 HUGE_RADIUS = 1e9
 
@@ -96,7 +97,7 @@ def active_probes(proxy: ServerProxy, cfg: dict[str, Any], data: Dataset, out_di
     last_eval = [ex for ex in proxy.exchanges if ex.message_type == "evaluate"][-1]
     arrays = record_of(last_eval.sent_arrays["arrays"])
     probes = probe_vectors(data, NUM_PROBES, int(cfg["seed"]) + 1)
-    big_k = data.base.shape[0]
+    big_k = min(RAISED_K, data.base.shape[0])
     asked = {**dict(client_config(cfg).items()), "eval.protocol": "trusted"}
     raised = ConfigRecord({**asked, "eval.k": big_k})
     shards = ConfigRecord({"deploy.shard-root": str(out_dir / "shards")})

@@ -66,7 +66,7 @@ def test_defaults_refuse_raised_k_trusted_eval_and_radius_by_name(protected):
     # the evaluation path (exact distances) is refused by every node, naming why
     assert r.refusals["raised_k"] == n and r.limits["raised_k"] == ["trusted-eval"]
     assert r.refusals["crafted_probes"] == n and r.limits["crafted_probes"] == ["trusted-eval"]
-    # search mode: k=1500 > max-k=100 everywhere; a huge radius on every shard above 100 vectors
+    # search mode: k=1000 > max-k=100 everywhere; a huge radius on every shard above 100 vectors
     assert r.refusals["search_raised_k"] == n and r.limits["search_raised_k"] == ["max-k"]
     assert r.codes["search_raised_k"] == 0
     big = sum(1 for p in client_partitions(compose_config(BASE)) if p.size > 100)
@@ -90,7 +90,7 @@ def test_within_limits_search_gives_codes_never_raw_vectors(protected):
 def test_unprotected_protocol_leaks_with_every_attack(unprotected):
     r = unprotected
     assert r.recovered["trilateration_training"] > 0, r.recovered  # small shards answer every query
-    assert r.recovered["raised_k"] == r.num_vectors, r.recovered  # every vector, exactly
+    assert r.recovered["raised_k"] >= 0.9 * r.num_vectors, r.recovered  # (nearly) every vector, exactly
     assert r.recovered["crafted_probes"] > 0, r.recovered
     assert r.recovered["exposure_subvectors"] > 0 and r.recovered["exposure_full_vectors"] > 0, r.recovered
     assert r.small_cells > 0
