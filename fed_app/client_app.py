@@ -97,13 +97,16 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.train("deploy")
-    def deploy(msg: Message, context: Context) -> Message:
+    @guarded
+    def deploy(msg: Message, context: Context, pol: ClientPolicy) -> Message:
         """After the last round: re-encode this shard with the global model and save it."""
         cfg, state, x, ids = _unpack(msg, context)
         path = shard_store.shard_path(context.node_config, cfg)
         if path is None:
             raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
         stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]))
+        for key in ("count", "bytes-on-disk"):  # sizes, reported only as roughly as num-examples
+            stats[key] = pol.round_examples(stats[key])
         return Message(content=RecordDict({"metrics": MetricRecord(stats)}), reply_to=msg)
 
     @app.evaluate()

@@ -53,11 +53,27 @@ def train_local_codebooks(
     books: dict[str, np.ndarray] = {}
     for level in spec.levels:
         m, k, _ = spec.level_shape(level, z.shape[1])
-        cents, counts = lloyd.local_centroids(_level_input(z, level, books), m, k, iters, seed)
+        zl = _level_input(z, level, books)
+        cents, counts = lloyd.local_centroids(zl, m, k, iters, seed)
+        if min_count is not None:  # released: each centroid must be the mean of its cell
+            cents, counts = cell_means(zl, cents)
         idx = np.resize(np.arange(cents.shape[1]), k)
         cents, counts = cents[:, idx], counts[:, idx]
         books[level] = cents if min_count is None else release.fill_unsupported(cents, counts, min_count)
     return books
+
+
+def cell_means(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each centroid replaced by the mean of the vectors it is assigned, and their counts.
+
+    k-means returns centroids whose last update may predate the final assignment (with
+    few or zero iterations they are sampled raw vectors); only a cell's own mean over
+    its count vectors is what min-count then vouches for. Empty cells come back as 0.
+    """
+    sums, counts, _ = lloyd.lloyd_statistics(z, centroids)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], 0.0)
+    return means.astype(np.float32), counts
 
 
 def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -79,9 +95,9 @@ def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str,
     spec = index_spec(cfg)
     m, k, _ = spec.level_shape(level, z.shape[1])
     local_k = release.init_k(x.shape[0], k if level == "coarse" else int(cfg["init"]["local_k"]), policy.min_count)
-    cents, counts = lloyd.local_centroids(
-        _level_input(z, level, state.codebooks), m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"])
-    )
+    zl = _level_input(z, level, state.codebooks)
+    cents, _ = lloyd.local_centroids(zl, m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
+    cents, counts = cell_means(zl, cents)
     cents, counts = release.supported_centroids(cents, counts, policy.min_count)
     return {"centroids": cents, "counts": policy.round_counts(counts).astype(np.int32)}
 
@@ -191,7 +207,7 @@ def local_recall(
     exact.add_with_ids(x[~held], ids[~held])
     _, truth = exact.search(x[held], k)
     report = recall_report(found, truth)
-    return {"estimate.queries": float(nq), **{f"estimate.{key}": report[key] for key in ESTIMATE_KEYS}}
+    return {"estimate.queries": policy.round_examples(nq), **{f"estimate.{key}": report[key] for key in ESTIMATE_KEYS}}
 
 
 def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, cfg: dict[str, Any]) -> dict[str, np.ndarray]:

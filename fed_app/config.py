@@ -82,6 +82,7 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     need(ev["k"] >= 10, "eval.k", "must be >= 10 to report 10-recall@10")
     need(ev["protocol"] in EVAL_PROTOCOLS, "eval.protocol", f"{ev['protocol']!r} is not one of {', '.join(EVAL_PROTOCOLS)}")
     need(isinstance(ev["local_queries"], int) and ev["local_queries"] >= 1, "eval.local_queries", f"must be an integer >= 1, got {ev['local_queries']!r}")
+    need(isinstance(cfg["init"]["kmeans_iters"], int) and cfg["init"]["kmeans_iters"] >= 1, "init.kmeans_iters", f"must be an integer >= 1, got {cfg['init']['kmeans_iters']!r}")
     need(cfg["init"]["source"] in INIT_SOURCES, "init.source", f"{cfg['init']['source']!r} is not one of {', '.join(INIT_SOURCES)}")
     try:
         policy = ClientPolicy.from_mapping(cfg["privacy"], source="privacy group")

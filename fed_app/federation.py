@@ -73,7 +73,12 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
                 withheld[r.metadata.src_node_id] = str(r.content["withheld"]["reason"])
                 log(INFO, "init: node %d sent no centroids: %s", r.metadata.src_node_id, withheld[r.metadata.src_node_id])
         if not ok:
-            raise RuntimeError(f"init ({level}): no client sent centroids; see the log for each node's reason")
+            failed = sum(1 for r in replies if r.has_error())
+            raise RuntimeError(
+                f"init ({level}): no client sent centroids: {len(replies)} of {len(nodes)} node(s) replied within "
+                f"timeout_s={timeout:.0f}, {len(withheld)} withheld (shard below its min-count), {failed} failed; "
+                "the log names each node's reason"
+            )
         m, k, _ = spec.level_shape(level, _dim(state))
         cents = [r.content["init"]["centroids"].numpy() for r in ok]
         counts = [r.content["init"]["counts"].numpy() for r in ok]

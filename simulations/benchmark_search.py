@@ -42,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fed_app.federated_search import search_federation
+from fed_app.privacy.policy import ClientPolicy
 from fed_app.federation import wait_for_nodes
 from fed_app.settings import received_config
 from fed_app.state import record_of
@@ -68,11 +69,14 @@ def cached_query(msg: Message, context: Context) -> Message:
     """Answers a search like ``fed_app.client_app.app`` in search mode (same reply
     contract: "results" ArrayRecord with distances/ids, "metrics" MetricRecord with
     "model-version"), but opens ``<deploy.shard-root>/client-<partition-id>`` once per
-    worker process instead of once per message. kNN only."""
+    worker process instead of once per message. kNN only, under the node's own limits
+    (max-k, distances on its grid) as the real ClientApp; the query budget is not counted."""
     cfg = received_config(msg.content["config"])
+    policy = ClientPolicy.from_node_config(dict(context.node_config))
+    policy.check_k(int(cfg["k"]))
     shard = _open_shard(f"{cfg['deploy']['shard-root']}/client-{int(context.node_config['partition-id'])}")
     distances, ids = shard.search(msg.content["queries"]["vectors"].numpy(), int(cfg["k"]))
-    content = RecordDict({"results": record_of({"distances": distances, "ids": ids}),
+    content = RecordDict({"results": record_of({"distances": policy.round_distances(distances), "ids": ids}),
                           "metrics": MetricRecord({"model-version": int(shard.model_version)})})
     return Message(content=content, reply_to=msg)
 

@@ -111,7 +111,9 @@ class ClientPolicy:
         if self.distance_grid <= 0:
             return d
         g = self.distance_grid
-        return np.where(np.isfinite(d), np.round(d / g) * g, d).astype(d.dtype)
+        real = np.abs(d) < np.finfo(np.float32).max  # faiss pads with FLT_MAX (and id -1)
+        on_grid = np.round(np.where(real, d, 0).astype(np.float64) / g) * g
+        return np.where(real, on_grid, d).astype(d.dtype)
 
     def round_counts(self, counts: np.ndarray) -> np.ndarray:
         """Sizes or weights the server needs only roughly, to ``examples_digits``
