@@ -131,6 +131,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
                 raise VectorError("search: this SuperNode has no shard-dir in its node config")
             if "radius" not in cfg:
                 pol.check_k(int(cfg["k"]))
+                pol.check_candidates(int(cfg.get("rerank", 0)))
             _spend(context, pol, queries.shape[0])
             out, version = shard_store.search(path, queries, cfg, pol)
             content = RecordDict({"results": record_of(out), "metrics": MetricRecord({"model-version": version})})

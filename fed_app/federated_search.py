@@ -163,11 +163,15 @@ def merge_ranges(nodes: list[int], parts: list[tuple[np.ndarray, np.ndarray, np.
     return np.asarray(lims, dtype=np.int64), cat(dists, np.float32), cat(ids, np.int64), cat(owners, np.uint64)
 
 
-def search_federation(grid: Grid, queries: np.ndarray, config: ConfigRecord, timeout: float, k: int | None = None, radius: float | None = None) -> SearchResults:
-    """Search every shard's persisted store: kNN (``k``) or range (``radius``)."""
+def search_federation(
+    grid: Grid, queries: np.ndarray, config: ConfigRecord, timeout: float, k: int | None = None, radius: float | None = None, rerank: int = 0
+) -> SearchResults:
+    """Search every shard's persisted store: kNN (``k``, each shard re-ranking its best
+    ``rerank`` compressed candidates exactly, locally) or range (``radius``)."""
     if (k is None) == (radius is None):
         raise ValueError("give exactly one of k (top-k search) or radius (range search)")
-    config = ConfigRecord({**dict(config.items()), "mode": "search", **({"k": k} if k else {"radius": float(radius)})})
+    asked = {"k": k, "rerank": int(rerank)} if k else {"radius": float(radius)}
+    config = ConfigRecord({**dict(config.items()), "mode": "search", **asked})
     content = RecordDict({"queries": record_of({"vectors": queries}), "config": config})
     ok, answered, missing, refused = _send(grid, content, timeout)
     nodes = [r.metadata.src_node_id for r in ok]

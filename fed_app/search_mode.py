@@ -1,7 +1,7 @@
 """Search a running federation: queries from a .npy file, merged answers to a file.
 
     flwr run . <federation> --run-config 'mode="search" queries="/abs/q.npy"
-        results="/abs/hits.npz" k=10'          # or radius=0.5 for range search
+        results="/abs/hits.npz" k=10 rerank=100'   # or radius=0.5 for range search
 
 Every shard answers from its persisted store (encoded with the last global model it
 received); the server writes the merged, node-qualified hits with ``np.savez``.
@@ -53,11 +53,15 @@ def run_search(grid: Grid, run_config: dict, timeout: float) -> Path:
     out = Path(str(run_config.get("results", "search_results.npz"))).expanduser().resolve()
     radius = float(run_config.get("radius", 0.0))
     k = int(run_config.get("k", 10))
+    rerank = int(run_config.get("rerank", 0))
     if radius < 0 or (radius == 0 and k < 1):
         raise ValueError(f"search needs k >= 1 (got {k}) or radius > 0 (got {radius})")
+    if rerank < 0:
+        raise ValueError(f"rerank={rerank}: give 0 (off) or the number of candidates each shard re-ranks exactly (> k)")
     ranged = radius > 0
     try:
-        res = search_federation(grid, queries, ConfigRecord({}), timeout, k=None if ranged else k, radius=radius if ranged else None)
+        res = search_federation(grid, queries, ConfigRecord({}), timeout, k=None if ranged else k,
+                                radius=radius if ranged else None, rerank=rerank)
     except QueryRefused as exc:  # no hits to write; the sidecar says who refused and why
         write_sidecar(out, {"answered": [], "missing": exc.missing, "refused": {str(n): why for n, why in exc.refused.items()}})
         log(ERROR, "search: %s", exc)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from vector_index.store import Shard
+from vector_index.topk import rerank_exact
 from vector_index.validation import VectorError
 
 from .client_tasks import index_spec, shard_codebooks
@@ -70,7 +71,9 @@ def search(path: Path, queries: np.ndarray, cfg: dict[str, Any], policy: ClientP
     """Top-k (``k``) or range (``radius``) hits of the persisted, encoded shard.
 
     Distances are those of the compressed codes (never of the raw vectors), rounded to
-    the node's grid; a range result set beyond the node's limit is refused whole.
+    the node's grid; a range result set beyond the node's limit is refused whole. With
+    ``rerank`` > k, the ``rerank`` best compressed candidates are re-ranked on the raw
+    vectors here: the answer carries their exact order, not their exact distances.
     """
     shard = open_shard(path)
     if not shard.encoded:
@@ -85,5 +88,14 @@ def search(path: Path, queries: np.ndarray, cfg: dict[str, Any], policy: ClientP
         lims, d, i = shard.range_search(queries, float(cfg["radius"]))
         policy.check_range(lims)
         return {"lims": lims.astype(np.int64), "distances": policy.round_distances(d), "ids": i}, int(shard.model_version)
-    d, i = shard.search(queries, int(cfg["k"]))
+    k = int(cfg["k"])
+    rerank = min(int(cfg.get("rerank", 0)), len(shard))
+    if rerank > k:  # exact re-ranking of the compressed candidates, here, on raw vectors
+        d, i = shard.search(queries, rerank)
+        raw = np.zeros((*i.shape, shard.dim), dtype=np.float32)
+        found = i >= 0
+        raw[found] = shard.vectors(i[found])
+        d, i = rerank_exact(queries, raw, d, i, k)
+    else:
+        d, i = shard.search(queries, k)
     return {"distances": policy.round_distances(d), "ids": i}, int(shard.model_version)

@@ -19,6 +19,22 @@ def merge_topk(distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tu
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
+def rerank_exact(queries: np.ndarray, vectors: np.ndarray, distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank candidates by their exact distance, but answer with the candidates' own
+    (compressed) distances: only the exact *order* leaves the shard.
+
+    ``vectors[q, j]`` is candidate ``ids[q, j]``'s raw vector (``ids`` -1: padding). The
+    returned distances are made non-decreasing along the exact order (running maximum),
+    so a merge over shards that sorts by distance keeps each shard's order.
+    """
+    exact = ((vectors - queries[:, None, :].astype(np.float32)) ** 2).sum(axis=2)
+    exact = np.where(ids < 0, np.inf, exact)
+    order = np.argsort(exact, axis=1, kind="stable")[:, :k]
+    out_ids = np.take_along_axis(ids, order, axis=1)
+    out_d = np.maximum.accumulate(np.take_along_axis(distances, order, axis=1), axis=1)
+    return out_d, out_ids
+
+
 def recall_1_at_r(found: np.ndarray, truth: np.ndarray, r: int) -> float:
     """Fraction of queries whose true nearest neighbour is in the first r results."""
     return float(((found[:, :r] == truth[:, :1]) & (truth[:, :1] >= 0)).any(axis=1).mean())

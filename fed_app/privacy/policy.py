@@ -96,6 +96,11 @@ class ClientPolicy:
         if k > self.max_k:
             raise Refusal("max-k", f"k={k} exceeds this node's max-k={self.max_k}")
 
+    def check_candidates(self, rerank: int) -> None:
+        """A node examines at most max-k candidates per query, re-ranking included."""
+        if rerank > self.max_k:
+            raise Refusal("max-k", f"rerank={rerank} candidates per query exceed this node's max-k={self.max_k}")
+
     def check_range(self, lims: np.ndarray) -> None:
         """Refuse a range query whose result set exceeds the limit (no truncation)."""
         sizes = np.diff(lims)
