@@ -344,8 +344,9 @@ def test_supernode_killed_mid_training_is_reported_missing(deployment):
 
     out = dep.root / "faults"
     t0 = time.monotonic()
-    # eval.every=3: recall only after init and the last round (each query waits out the dead node)
-    overrides = f"{TRAIN_OVERRIDES} num_rounds=3 min_clients=2 timeout_s=20 eval.every=3"
+    # timeout_s=40: the init must not time out on a loaded machine (a fresh ClientApp process per
+    # message imports torch and faiss); each round the dead node is still sampled waits it out
+    overrides = f"{TRAIN_OVERRIDES} num_rounds=3 min_clients=2 timeout_s=40 eval.every=3"
     run = dep.flwr_run("faults", f'overrides="{overrides}" output-dir="{out}"', on_line=kill_at_round_1)
     log = run.wait(RUN_TIMEOUT)
     elapsed = time.monotonic() - t0
@@ -358,8 +359,9 @@ def test_supernode_killed_mid_training_is_reported_missing(deployment):
     assert missing, f"summary.json records no missing node: {summary['missing_nodes']}"
     assert all(ids == [victim_id] for ids in missing.values()), (missing, victim_id)
     # dead from round 1 on: missing until the SuperLink stops sampling it (no heartbeat
-    # for 2 x its interval marks it offline), so at least in round 2
-    assert 2 in missing and set(missing) <= {1, 2, 3}, missing
+    # for 2 x its interval marks it offline), so at least in the round it died in or the
+    # next (which one depends on how long a round waits: timeout_s)
+    assert (1 in missing or 2 in missing) and set(missing) <= {1, 2, 3}, missing
     assert summary["rounds"][-1]["clients"] == N_SHARDS - 1
     assert re.search(rf"no usable reply from node\(s\) \[{victim_id}\]", log), log[-3000:]
     print(f"\nfault run {elapsed:.0f}s; missing nodes per round {missing}")
