@@ -40,7 +40,7 @@ from fed_app.state import ENCODER, record_of
 from vector_index.datasets import Dataset
 from vector_index.quantizers import reconstruct
 
-from .attacks import Exchange, ServerProxy, count_recovered, exposure_scan, exposure_scan_subspaces, rows_of, small_cells, trilaterate
+from .attacks import Exchange, ServerProxy, count_recovered, exposed_targets, rows_of, small_cells, trilaterate
 from .run import simulate
 
 RECOVERY_TOL = 1e-3  # a vector counts as recovered within 0.1% of its norm
@@ -159,16 +159,37 @@ def run_setting(name: str, overrides: list[str], out_dir: Path, *, rewrite: Call
 # -- scoring ---------------------------------------------------------------------------
 
 
-def _encoders(exchanges: list[Exchange]) -> list[dict[str, np.ndarray]]:
-    """Every distinct encoder the server sent or received (it knows them all)."""
-    seen: dict[str, dict[str, np.ndarray]] = {}
-    for ex in exchanges:
-        for arrays in (ex.sent_arrays.get("arrays", {}), ex.reply_arrays.get("arrays", {})):
-            weights = {k[len(ENCODER):]: v for k, v in arrays.items() if k.startswith(ENCODER)}
-            if weights:
-                h = hashlib.sha1(b"".join(weights[k].tobytes() for k in sorted(weights))).hexdigest()
-                seen.setdefault(h, weights)
-    return list(seen.values())
+def _encoder_of(ex: Exchange) -> dict[str, np.ndarray]:
+    """The encoder the client encoded with for this reply: its own updated one if it sent
+    it back (training), else the one the server sent (init). The server knows both."""
+    for arrays in (ex.reply_arrays.get("arrays", {}), ex.sent_arrays.get("arrays", {})):
+        weights = {k[len(ENCODER):]: v for k, v in arrays.items() if k.startswith(ENCODER)}
+        if weights:
+            return weights
+    return {}
+
+
+def exposure(training: list[Exchange], base: np.ndarray, m: int) -> tuple[int, int]:
+    """(sub-vectors, whole vectors) of the base that some received row equals, each reply
+    scanned in the space of the encoder it was computed with."""
+    dsub = base.shape[1] // m
+    subs: set[tuple[int, int]] = set()
+    full: set[int] = set()
+    encoded: dict[str, np.ndarray] = {}
+    for ex in training:
+        if ex.error is not None or not ({"init", "codebook-update"} & set(ex.reply_arrays)):
+            continue
+        weights = _encoder_of(ex)
+        key = hashlib.sha1(b"".join(weights[k].tobytes() for k in sorted(weights))).hexdigest()
+        if key not in encoded:
+            encoded[key] = encode(load_encoder(weights), base)
+        z = encoded[key]
+        for j, rows in enumerate(rows_of([ex], "pq", m)):
+            subs.update((j, int(t)) for t in exposed_targets(rows, z[:, j * dsub:(j + 1) * dsub], EXPOSURE_TOL))
+        if "init" in ex.reply_arrays and ex.sent_config.get("init-level", "pq") == "pq":
+            cents = ex.reply_arrays["init"]["centroids"]
+            full.update(int(t) for t in exposed_targets(cents.transpose(1, 0, 2).reshape(-1, base.shape[1]), z, EXPOSURE_TOL))
+    return len(subs), len(full)
 
 
 def _hits(ex: Exchange, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -210,21 +231,10 @@ def score(name: str, cfg: dict[str, Any], data: Dataset, training: list[Exchange
     report.recovered["trilateration_training"] = count_recovered(
         _trilaterate_all(training, "exact.", lambda q: q), ids, data.base, RECOVERY_TOL
     )
-    # exposure: every row received, against every vector encoded by every encoder seen
-    m = int(cfg["index"]["m"])
-    rows = rows_of(training, "pq", m)
-    init_full = [
-        ex.reply_arrays["init"]["centroids"].transpose(1, 0, 2).reshape(-1, data.base.shape[1])
-        for ex in training if ex.error is None and "init" in ex.reply_arrays
-    ]
-    exposed_sub, exposed_full = 0, 0
-    for weights in _encoders(training):
-        z = encode(load_encoder(weights), data.base)
-        exposed_sub = max(exposed_sub, exposure_scan_subspaces(rows, z, EXPOSURE_TOL))
-        if init_full:
-            exposed_full = max(exposed_full, exposure_scan(np.concatenate(init_full), z, EXPOSURE_TOL))
-    report.recovered["exposure_subvectors"] = exposed_sub
-    report.recovered["exposure_full_vectors"] = exposed_full
+    # exposure: every row received, against every vector encoded as that reply was
+    report.recovered["exposure_subvectors"], report.recovered["exposure_full_vectors"] = exposure(
+        training, data.base, int(cfg["index"]["m"])
+    )
     report.small_cells = sum(
         small_cells(rec[key], SMALL_CELL)
         for ex in training if ex.error is None

@@ -253,7 +253,12 @@ def count_recovered(estimates: dict[int, np.ndarray], ids: np.ndarray, vectors: 
 
 
 def exposure_scan(rows: np.ndarray, targets: np.ndarray, tol: float, candidates: int = 8) -> int:
-    """How many distinct target rows are matched by some received row, within relative
+    """How many distinct target rows some received row equals (see :func:`exposed_targets`)."""
+    return int(exposed_targets(rows, targets, tol, candidates).size)
+
+
+def exposed_targets(rows: np.ndarray, targets: np.ndarray, tol: float, candidates: int = 8) -> np.ndarray:
+    """Indices of the distinct target rows matched by some received row, within relative
     L2 tolerance: ``||row - t|| <= tol * ||t||``.
 
     This is the test for "a centroid, a Lloyd sum / count or a codebook row the server
@@ -265,13 +270,14 @@ def exposure_scan(rows: np.ndarray, targets: np.ndarray, tol: float, candidates:
     """
     t = np.asarray(targets, dtype=np.float64)
     r = np.asarray(rows, dtype=np.float64)
+    none = np.zeros(0, dtype=np.int64)
     if t.ndim != 2 or r.ndim != 2 or t.shape[0] == 0 or r.shape[0] == 0:
-        return 0
+        return none
     if r.shape[1] != t.shape[1]:
         raise ValueError(f"rows have {r.shape[1]} columns, targets {t.shape[1]}")
     r = r[np.isfinite(r).all(axis=1) & (r != 0).any(axis=1)]
     if r.shape[0] == 0:
-        return 0
+        return none
     index = faiss.IndexFlatL2(t.shape[1])
     index.add(np.ascontiguousarray(t, dtype=np.float32))
     k = min(int(candidates), t.shape[0])
@@ -282,7 +288,7 @@ def exposure_scan(rows: np.ndarray, targets: np.ndarray, tol: float, candidates:
     cand_rows, cand = cand_rows[ok], cand[ok]
     err = np.linalg.norm(r[cand_rows] - t[cand], axis=1)
     limit = tol * np.maximum(np.linalg.norm(t[cand], axis=1), 1e-12)
-    return int(np.unique(cand[err <= limit]).size)
+    return np.unique(cand[err <= limit]).astype(np.int64)
 
 
 def exposure_scan_subspaces(rows_per_subspace: Sequence[np.ndarray], vectors: np.ndarray, tol: float) -> int:
