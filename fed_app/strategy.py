@@ -29,6 +29,7 @@ from . import lloyd
 from .state import CODEBOOK, ENCODER, arrays_of, record_nbytes, record_of
 
 MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
+EMPTY_POLICIES = ("auto", "split", "keep")
 
 
 def _content_digest(msg: Message) -> str:
@@ -46,10 +47,12 @@ class CodebookMixin:
     """Codebook federation for a FedAvg-family strategy (put it first in the bases)."""
 
     def __init__(
-        self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "split", seed: int = 0, min_replies: int = 1, **kwargs
+        self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "auto", seed: int = 0, min_replies: int = 1, **kwargs
     ) -> None:
         if codebook_update not in MODES:
             raise ValueError(f"codebook_update={codebook_update!r} must be one of {MODES}")
+        if empty not in EMPTY_POLICIES:
+            raise ValueError(f"strategy.flower.empty={empty!r} must be one of {EMPTY_POLICIES}")
         super().__init__(*args, **kwargs)
         self.min_replies = min_replies
         self._sent: dict[int, list[int]] = {}
@@ -128,7 +131,8 @@ class CodebookMixin:
             "empty_centroids": float(n_empty),
         }
         if n_empty:
-            log(INFO, "round %d: %d empty centroids re-seeded by splitting large clusters", server_round, n_empty)
+            how = "re-seeded by splitting large clusters" if self._empty_policy() == "split" else "kept where they were (cells below the nodes' min-count)"
+            log(INFO, "round %d: %d centroids with no released vector %s", server_round, n_empty, how)
         out = arrays_of(encoder)
         out.update(books)
         return record_of(out), metrics
@@ -142,11 +146,22 @@ class CodebookMixin:
             elif self.codebook_update == "lloyd":
                 sums = np.sum([u[f"{level}.sums"].astype(np.float64) for u in updates], axis=0)
                 counts = np.sum([u[f"{level}.counts"].astype(np.int64) for u in updates], axis=0)
-                out[key], empty = lloyd.lloyd_update(sums, counts, previous, self.empty, self.seed + server_round)
+                out[key], empty = lloyd.lloyd_update(sums, counts, previous, self._empty_policy(), self.seed + server_round)
                 n_empty += empty
             else:
                 out[key] = lloyd.weighted_average([u[f"{level}.centroids"] for u in updates], weights)
         return out, n_empty
+
+    def _empty_policy(self) -> str:
+        """``auto``: faiss's split only when no node withholds small cells. Under
+        min-count a centroid with no released count may still hold many vectors, each
+        shard having fewer than its min-count there; splitting it would throw away a
+        good centroid (measured: 200 shards of 100 GloVe vectors lost a third of their
+        recall in one round), so it keeps its place instead."""
+        if self.empty != "auto":
+            return self.empty
+        nobody_withholds = self.node_policies and all(int(p.get("min-count", 2)) <= 1 for p in self.node_policies.values())
+        return "split" if nobody_withholds else "keep"
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Distortion and energy weighted by num-examples (FedAvg); each shard's recall
