@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import pytest
 
 from fed_app.config import compose_config
@@ -15,3 +16,12 @@ def tiny_cfg():
         return compose_config([*TINY, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Deterministic HNSW construction, and polite on a shared machine."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -18,13 +18,7 @@ D = 16
 SPECS = {kind: IndexSpec(kind, m=4, nbits=6, nlist=16, nprobe=4, hnsw_m=8, ef_search=32) for kind in KINDS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Deterministic HNSW construction, and polite on a shared machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from fed_app.local_data import client_partitions
 from fed_app.config import compose_config
-from simulations.attack_suite import NUM_PROBES, rewrite_to_raise_k, run_setting
+from simulations.attack_suite import rewrite_to_raise_k, run_setting
 
 # 20 non-IID shards (some of a few vectors) of 1,500 16-d vectors, PQ 4x6, 2 rounds
 BASE = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6",

@@ -39,12 +39,7 @@ DEFAULTS = OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE))
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 @lru_cache(maxsize=None)
