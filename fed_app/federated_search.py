@@ -123,11 +123,6 @@ def qualify(ids: np.ndarray, rank: int) -> np.ndarray:
     return np.where(ids < 0, -1, (ids << NODE_BITS) | rank)
 
 
-def unqualify(keys: np.ndarray) -> np.ndarray:
-    """Evaluation keys back to shard ids (meaningful when ids are globally unique)."""
-    return np.where(keys < 0, -1, keys >> NODE_BITS)
-
-
 def merge_qualified(nodes: list[int], distances: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Global top-k over shards whose ids are only unique within a shard.
 

@@ -254,11 +254,9 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     local = cfg["strategy"]["flower"]["codebook_update"] == "local"
     init_withheld: dict[int, str] = {}
     init_bytes, public_vectors = 0, 0
-    if local:
-        pass
-    elif cfg["init"]["source"] == "public":
+    if not local and cfg["init"]["source"] == "public":
         public_vectors = public_init(state, spec, cfg, data)
-    else:
+    elif not local:
         init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld)
 
     strategy = instantiate(
