@@ -12,17 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from vector_index.validation import VectorError
 
-from . import client_tasks, shard_store
+from . import client_tasks, secure_statistics, shard_store
 from .local_data import client_shard
-from .privacy.policy import BUDGET_RECORD, ClientPolicy, Refusal
+from .privacy import dp
+from .privacy.policy import BUDGET_RECORD, RELEASES_RECORD, ClientPolicy, Refusal
 from .privacy.release import Withheld
+from .secagg import client as secagg_client
+from .secagg import fixed_point
+from .secagg.rounds import LAYOUT, SETUP, flatten, layout_record
 from .settings import received_config
-from .state import GlobalState, encoder_record, record_of
+from .state import GlobalState, arrays_of, encoder_record, record_of
+
+SESSION_RECORD, INPUT_RECORD, NOISE_RECORD = "secagg-session", "secagg-input", "secagg-noise"  # Context.state
 
 
 def _vectors(cfg: dict, context: Context):
@@ -49,6 +56,75 @@ def _spend(context: Context, policy: ClientPolicy, queries: int) -> None:
     record = context.state.config_records.get(BUDGET_RECORD, ConfigRecord({"answered": 0}))
     record["answered"] = policy.spend(int(record["answered"]), queries)
     context.state[BUDGET_RECORD] = record
+
+
+def _secure_only(msg: Message, pol: ClientPolicy) -> bool:
+    """True: answer through secure aggregation. A node with secure-aggregation on refuses
+    to send its statistics any other way."""
+    if SETUP in msg.content.config_records:
+        return True
+    if pol.secure_aggregation:
+        raise Refusal(
+            "secure-aggregation",
+            "this node sends its statistics only inside a secure sum; run the server with privacy=secure or privacy=secagg",
+        )
+    return False
+
+
+def secure_setup(msg: Message, context: Context, pol: ClientPolicy, stats: dict[str, np.ndarray], sensitivity: dict[str, float]) -> Message:
+    """Keep the statistics (and the noise this node will add) on the node; answer with
+    fresh public keys and the statistics' shapes, nothing of their values."""
+    session, public = secagg_client.start(str(msg.content[SETUP]["session"]), int(context.node_id))
+    stds = dp.noise_stds(sensitivity, pol.noise_multiplier()) if pol.dp else {k: 0.0 for k in stats}
+    context.state[SESSION_RECORD] = ConfigRecord(session.to_config())
+    context.state[INPUT_RECORD] = record_of({k: np.asarray(v, dtype=np.float64) for k, v in stats.items()})
+    context.state[NOISE_RECORD] = ConfigRecord({k: float(v) for k, v in stds.items()})
+    reply = {"session": session.session, "c-pk": public["c-pk"], "s-pk": public["s-pk"], "fixed-point-bits": pol.fixed_point_bits}
+    info = {"simulated-partition": float("shard-dir" not in context.node_config), "noise-multiplier": pol.noise_multiplier() if pol.dp else 0.0}
+    content = RecordDict({
+        SETUP: ConfigRecord(reply), LAYOUT: layout_record(stats), "noise": ConfigRecord({k: float(v) for k, v in stds.items()}),
+        "policy": ConfigRecord(pol.as_record()), "info": ConfigRecord(info),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def secure_stage(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+    """Stages 2-4 of secure aggregation (``fed_app.secagg.client``), on this node's session."""
+    rec = msg.content["secagg"]
+    if SESSION_RECORD not in context.state.config_records:
+        raise Refusal("secure-aggregation", "no secure-aggregation session is open on this node")
+    session = secagg_client.Session.from_config(dict(context.state[SESSION_RECORD].items()))
+    if str(rec["session"]) != session.session:
+        raise Refusal("secure-aggregation", "this message belongs to another secure-aggregation session than the one open here")
+    limits = secagg_client.Limits(pol.secagg_min_clients, pol.secagg_threshold)
+    stage = str(rec["stage"])
+    try:
+        if stage == "share":
+            sent = secagg_client.share_keys(
+                session, [int(n) for n in rec["roster"]], [bytes(b) for b in rec["c-pk"]], [bytes(b) for b in rec["s-pk"]], int(rec["threshold"]), limits
+            )
+            content = RecordDict({"secagg": ConfigRecord({"dst": [str(n) for n in sent], "ciphertexts": list(sent.values())})})
+        elif stage == "mask":
+            stats = arrays_of(context.state[INPUT_RECORD])
+            stds = {k: float(v) for k, v in context.state[NOISE_RECORD].items()}
+            if any(v > 0 for v in stds.values()):
+                used = context.state.config_records.get(RELEASES_RECORD, ConfigRecord({"released": 0}))
+                used["released"] = pol.spend_release(int(used["released"]))
+                context.state[RELEASES_RECORD] = used
+                stats = dp.add_noise_share(stats, stds, session.threshold)
+            x, _ = fixed_point.encode(flatten(stats), pol.fixed_point_bits, len(session.roster))
+            y = secagg_client.mask(session, [int(n) for n in rec["senders"]], [bytes(b) for b in rec["ciphertexts"]], x)
+            del context.state[INPUT_RECORD]
+            content = RecordDict({"masked": record_of({"y": y})})
+        elif stage == "unmask":
+            shares = secagg_client.unmask(session, [int(n) for n in rec["survivors"]])
+            content = RecordDict({"secagg": ConfigRecord({"peers": [str(p) for p, _, _ in shares], "kinds": [k for _, k, _ in shares], "shares": [b for _, _, b in shares]})})
+        else:
+            raise Refusal("secure-aggregation", f"unknown secure-aggregation stage {stage!r}")
+    except (secagg_client.ProtocolError, fixed_point.EncodingError) as e:
+        raise Refusal("secure-aggregation", str(e)) from None
+    context.state[SESSION_RECORD] = ConfigRecord(session.to_config())
+    return Message(content=content, reply_to=msg)
 
 
 def refusal_reply(msg: Message, refusal: Refusal) -> Message:
@@ -83,6 +159,11 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @app.train("init")
     @guarded
     def init(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        if pol.secure_aggregation:
+            raise Refusal(
+                "secure-aggregation",
+                "init: k-FED sends this shard's own centroids, which cannot be summed securely; run with init.source=public",
+            )
         cfg, state, x, _ = _unpack(msg, context)
         out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg, pol)
         content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": pol.round_examples(x.shape[0])})})
@@ -91,7 +172,10 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @app.train()
     @guarded
     def train(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        secure = _secure_only(msg, pol)
         cfg, state, x, _ = _unpack(msg, context)
+        if secure:
+            return secure_setup(msg, context, pol, *secure_statistics.train_statistics(state, x, cfg, pol))
         weights, update, metrics = client_tasks.train(state, x, cfg, pol)
         content = RecordDict({"arrays": encoder_record(weights), "codebook-update": record_of(update), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
@@ -112,11 +196,19 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @app.evaluate()
     @guarded
     def evaluate(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        secure = _secure_only(msg, pol)
         cfg, state, x, ids = _unpack(msg, context)
+        if secure:
+            return secure_setup(msg, context, pol, *secure_statistics.evaluate_statistics(state, x, ids, cfg, pol))
         metrics = client_tasks.evaluate(state, x, ids, cfg, pol)
         metrics["simulated-partition"] = float("shard-dir" not in context.node_config)
         content = RecordDict({"metrics": MetricRecord(metrics), "policy": ConfigRecord(pol.as_record())})
         return Message(content=content, reply_to=msg)
+
+    @app.query("secagg")
+    @guarded
+    def secagg(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        return secure_stage(msg, context, pol)
 
     @app.query()
     @guarded

@@ -34,7 +34,7 @@ def codebook_mode(cfg: dict[str, Any]) -> str:
     return str(cfg["strategy"]["flower"]["codebook_update"])
 
 
-def _level_input(z: np.ndarray, level: str, codebooks: dict[str, np.ndarray]) -> np.ndarray:
+def level_input(z: np.ndarray, level: str, codebooks: dict[str, np.ndarray]) -> np.ndarray:
     """The vectors a codebook level quantizes: z for coarse, residuals of z for PQ."""
     if level == "pq" and "coarse" in codebooks:
         return residuals(z, codebooks["coarse"])
@@ -53,7 +53,7 @@ def train_local_codebooks(
     books: dict[str, np.ndarray] = {}
     for level in spec.levels:
         m, k, _ = spec.level_shape(level, z.shape[1])
-        zl = _level_input(z, level, books)
+        zl = level_input(z, level, books)
         cents, counts = lloyd.local_centroids(zl, m, k, iters, seed)
         if min_count is not None:  # released: each centroid must be the mean of its cell
             cents, counts = cell_means(zl, cents)
@@ -95,7 +95,7 @@ def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str,
     spec = index_spec(cfg)
     m, k, _ = spec.level_shape(level, z.shape[1])
     local_k = release.init_k(x.shape[0], k if level == "coarse" else int(cfg["init"]["local_k"]), policy.min_count)
-    zl = _level_input(z, level, state.codebooks)
+    zl = level_input(z, level, state.codebooks)
     cents, _ = lloyd.local_centroids(zl, m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
     cents, counts = cell_means(zl, cents)
     cents, counts = release.supported_centroids(cents, counts, policy.min_count)
@@ -117,7 +117,7 @@ def codebook_update(
     update: dict[str, np.ndarray] = {}
     withheld = 0
     for level in spec.levels:
-        zl = _level_input(z, level, books)
+        zl = level_input(z, level, books)
         if mode == "lloyd":
             sums, counts, _ = lloyd.lloyd_statistics(zl, books[level])
             sums, counts, small = release.suppress_small_cells(sums, counts, policy.min_count)

@@ -90,3 +90,19 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
         raise ConfigError(str(exc)) from exc
     if ev["protocol"] == "trusted":
         need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients would refuse it")
+    mode = cfg["strategy"]["flower"]["codebook_update"]
+    if policy.secure_aggregation:
+        need(
+            cfg["init"]["source"] == "public" or mode == "local", "init.source",
+            "clients (k-FED) sends each shard's own centroids, which secure aggregation cannot sum; use init.source=public, or privacy=trusted",
+        )
+        need(n >= policy.secagg_min_clients, "num_clients", f"{n} clients are fewer than privacy.secagg_min_clients={policy.secagg_min_clients}: no client would mask its statistics in so small a sum")
+    if policy.dp:
+        need(not mode.startswith("average"), "strategy",
+             f"{cfg['strategy']['name']} averages locally trained codebooks, which one vector can move without bound: no DP guarantee; run it with privacy=secagg")
+        need(t["lam"] == 0 or cfg["model"]["kind"] == "rotation", "model",
+             "under DP the encoder moves by federated Procrustes on clipped sums, which needs model=rotation (or train.lam=0)")
+        releases = cfg["num_rounds"] + 1
+        need(releases <= policy.dp_max_releases, "num_rounds",
+             f"{cfg['num_rounds']} rounds + the final evaluation are {releases} noisy releases, but privacy.dp_max_releases={policy.dp_max_releases}: "
+             "raise privacy.dp_max_releases (the same epsilon then buys less per release) or run fewer rounds")

@@ -32,6 +32,7 @@ from .local_data import load_dataset
 from .privacy.report import privacy_summary
 from .settings import client_config
 from .simulator_truth import exact_neighbours, true_metrics
+from .strategy import SecureSettings
 from .state import GlobalState, arrays_of, record_nbytes
 from .summary import final_table, write_summary
 
@@ -269,6 +270,15 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         min_replies=int(cfg["min_clients"]),
         seed=int(cfg["seed"]),
     )
+    if cfg["privacy"]["secure_aggregation"]:
+        p = cfg["privacy"]
+        strategy.use_secure_aggregation(SecureSettings(
+            threshold=float(p["secagg_threshold"]), min_clients=max(int(p["secagg_min_clients"]), int(cfg["min_clients"])),
+            dp=float(p["dp_epsilon"]) > 0, empty_sigmas=float(p["dp_empty_sigmas"]), num_rounds=int(cfg["num_rounds"]), timeout=timeout,
+        ))
+    elif cfg["privacy"]["name"] in ("trusted", "off"):
+        log(WARNING, "privacy=%s: every client's statistics reach the server unmasked (research simulation only; "
+            "deployed SuperNodes refuse it)", cfg["privacy"]["name"])
     evaluator = RoundEvaluator(grid, strategy, cfg, data, timeout)
     result = strategy.start(
         grid,

@@ -16,17 +16,33 @@ Clients learn the mode from the ``strategy.*`` keys every message's config carri
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from flwr.supercore import log
 
 from . import lloyd
-from .state import CODEBOOK, ENCODER, arrays_of, record_nbytes, record_of
+from .secagg.rounds import SETUP, new_session, secure_sum, setup_record
+from .secure_statistics import LOSS_KEYS, evaluate_metrics, procrustes, rotation_weights
+from .state import CODEBOOK, ENCODER, arrays_of, encoder_record, record_nbytes, record_of
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """The server's side of secure aggregation (clients check it against their own)."""
+
+    threshold: float  # share of a session's roster needed to unmask
+    min_clients: int  # fewest clients a session may sum
+    dp: bool  # clients add noise: sums are noisy, evaluation runs once at the end
+    empty_sigmas: float  # a noisy count below this many noise stds leaves its centroid in place
+    num_rounds: int
+    timeout: float
 
 MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
 EMPTY_POLICIES = ("auto", "split", "keep")
@@ -67,17 +83,70 @@ class CodebookMixin:
         self.withheld: dict[int, dict[int, str]] = {}  # round -> node -> why it sent nothing
         self.all_simulated = False  # every evaluated shard is a simulation partition
         self.node_policies: dict[int, dict] = {}  # the limits each node says it enforces
+        self.secure: SecureSettings | None = None
+        self.releases: list[dict] = []  # every noisy secure sum: round, phase, noise multipliers
+        self._grid: Grid | None = None
+        self._sessions: dict[tuple[int, str], str] = {}
+        self._encoder: dict[str, np.ndarray] = {}
+        self._noise_std: dict[str, float] = {}  # total noise std per summed array, last noisy sum
+
+    def use_secure_aggregation(self, settings: SecureSettings) -> None:
+        self.secure = settings
+
+    def _open_sessions(self, messages: list[Message], server_round: int, phase: str, grid: Grid) -> None:
+        session = new_session()
+        self._sessions[(server_round, phase)] = session
+        self._grid = grid
+        for msg in messages:
+            msg.content[SETUP] = setup_record(session)
+
+    def _note_nodes(self, replies: list[Message]) -> None:
+        """Limits and partition kind each node states in its setup reply (not secret)."""
+        ok = [m for m in replies if not m.has_error() and "info" in m.content.config_records]
+        if ok:
+            self.node_policies.update({m.metadata.src_node_id: dict(m.content["policy"].items()) for m in ok})
+            self.all_simulated = all(float(m.content["info"]["simulated-partition"]) == 1.0 for m in ok)
+
+    def _secure_sum(self, server_round: int, phase: str, replies: list[Message]):
+        assert self.secure is not None and self._grid is not None
+        self._note_nodes(replies)
+        result = secure_sum(self._grid, self._sessions[(server_round, phase)], replies, self.secure.threshold,
+                            self.secure.min_clients, self.secure.timeout, f"round {server_round} {phase}")
+        noisy = {n: float(m.content["info"]["noise-multiplier"]) for m in replies if not m.has_error() and "info" in m.content.config_records
+                 for n in [m.metadata.src_node_id] if n in result.summed and float(m.content["info"]["noise-multiplier"]) > 0}
+        if result.arrays is not None and noisy:
+            stds = {}
+            for m in replies:
+                if not m.has_error() and m.metadata.src_node_id in result.summed and "noise" in m.content.config_records:
+                    for k, v in m.content["noise"].items():
+                        stds[k] = stds.get(k, 0.0) + float(v) ** 2 / result.threshold
+            self.releases.append({"round": server_round, "phase": phase, "noise_multiplier": min(noisy.values()),
+                                  "clients": len(result.summed), "threshold": result.threshold})
+            self._noise_std = {k: math.sqrt(v) for k, v in stds.items()}
+        return result
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Let the base strategy see the encoder only; ship codebooks beside it."""
         everything = arrays_of(arrays)
         self._codebooks = {k: v for k, v in everything.items() if k.startswith(CODEBOOK)}
         encoder = record_of({k: v for k, v in everything.items() if k.startswith(ENCODER)})
+        self._encoder = {k[len(ENCODER):]: v for k, v in arrays_of(encoder).items()}
         messages = list(super().configure_train(server_round, encoder, config, grid))
         books = record_of(self._codebooks)
         for msg in messages:
             msg.content["codebooks"] = books
         self._sent[server_round] = sorted(msg.metadata.dst_node_id for msg in messages)
+        if self.secure is not None:
+            self._open_sessions(messages, server_round, "train", grid)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Under DP the private evaluation is one noisy release, after the last round only."""
+        if self.secure is not None and self.secure.dp and server_round != self.secure.num_rounds:
+            return []
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if self.secure is not None:
+            self._open_sessions(messages, server_round, "evaluate", grid)
         return messages
 
     def _drop_withheld(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -85,7 +154,9 @@ class CodebookMixin:
         answers, not failures, but they carry nothing to aggregate."""
         kept = []
         for msg in replies:
-            if not msg.has_error() and "withheld" in msg.content.config_records:
+            if not msg.has_error() and "refusal" in msg.content.config_records:
+                log(WARNING, "round %d: node %d refused: %s", server_round, msg.metadata.src_node_id, msg.content["refusal"]["reason"])
+            elif not msg.has_error() and "withheld" in msg.content.config_records:
                 node = msg.metadata.src_node_id
                 self.withheld.setdefault(server_round, {})[node] = str(msg.content["withheld"]["reason"])
                 log(INFO, "round %d: node %d withheld its statistics: %s", server_round, node, msg.content["withheld"]["reason"])
@@ -102,6 +173,8 @@ class CodebookMixin:
                 continue
             answered.add(msg.metadata.src_node_id)
         replies = self._drop_withheld(server_round, replies)
+        if self.secure is not None:
+            return self._aggregate_secure_train(server_round, replies, answered)
         for msg in replies:
             if msg.has_error():
                 continue
@@ -137,6 +210,54 @@ class CodebookMixin:
         out.update(books)
         return record_of(out), metrics
 
+    def _aggregate_secure_train(self, server_round: int, replies: list[Message], answered: set[int]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round from one secure sum: the codebook step on the summed statistics, the
+        encoder by the base strategy on the average (or Procrustes under DP)."""
+        result = self._secure_sum(server_round, "train", replies)
+        sent = self._sent.get(server_round, [])
+        self.missing[server_round] = [n for n in sent if n not in result.summed]
+        self.round_log[server_round] = {"clients": float(len(result.summed)), "clients_missing": float(len(self.missing[server_round]))}
+        if result.arrays is None:
+            log(WARNING, "round %d: %s; global model unchanged", server_round, result.reason)
+            return None, None
+        if result.dropped:
+            log(WARNING, "round %d: dropped from the secure sum: %s", server_round, "; ".join(f"node {n}: {why}" for n, why in sorted(result.dropped.items())))
+        total = result.arrays
+        self.round_log[server_round]["bytes_up_per_client"] = float(np.mean([result.bytes_up.get(n, 0) for n in result.summed]))
+        books, n_empty = self._merge_summed_codebooks(total, server_round)
+        self.round_log[server_round]["empty_centroids"] = float(n_empty)
+        out = dict(self._encoder)
+        metrics = MetricRecord({"clients": float(total["clients"][0])})
+        if "encoder.cross" in total:
+            if server_round < self.secure.num_rounds:  # the last codebook step was taken with this rotation: keep it
+                out = rotation_weights(self._encoder, procrustes(total["encoder.cross"]))
+        elif any(k.startswith(ENCODER) for k in total):
+            n = float(total["examples"][0])
+            avg = {k[len(ENCODER):]: (v / n).astype(self._encoder[k[len(ENCODER):]].dtype) for k, v in total.items() if k.startswith(ENCODER)}
+            averaged = Message(RecordDict({"arrays": encoder_record(avg), "metrics": MetricRecord({"num-examples": n})}), dst_node_id=0, message_type="train")
+            encoder, _ = super().aggregate_train(server_round, [averaged])  # FedAvg / FedAdam / FedYogi's server step
+            out = {k[len(ENCODER):]: v for k, v in arrays_of(encoder).items()}
+            metrics = MetricRecord({"num-examples": n, **{k: float(total[f"loss.{k}"][0]) / n for k in LOSS_KEYS if f"loss.{k}" in total}})
+        merged = {ENCODER + k: v for k, v in out.items()}
+        merged.update(books)
+        return record_of(merged), metrics
+
+    def _merge_summed_codebooks(self, total: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], int]:
+        out, n_empty = {}, 0
+        for key, previous in self._codebooks.items():
+            level = key[len(CODEBOOK):]
+            if f"codebook.{level}.sums" in total:
+                counts = total[f"codebook.{level}.counts"]
+                floor = self.secure.empty_sigmas * self._noise_std.get(f"codebook.{level}.counts", 0.0)
+                counts = np.where(counts > max(floor, 0.5), counts, 0.0)  # a noisy count near 0 is no cell
+                out[key], empty = lloyd.lloyd_update(total[f"codebook.{level}.sums"], counts, previous, self._empty_policy(), self.seed + server_round)
+                n_empty += empty
+            elif f"codebook.{level}.centroids" in total:
+                out[key] = (total[f"codebook.{level}.centroids"] / float(total["examples"][0])).astype(np.float32)
+            else:
+                out[key] = previous
+        return out, n_empty
+
     def _merge_codebooks(self, updates: list[dict[str, np.ndarray]], weights: list[float], server_round: int) -> tuple[dict[str, np.ndarray], int]:
         out, n_empty = {}, 0
         for key, previous in self._codebooks.items():
@@ -168,6 +289,12 @@ class CodebookMixin:
         estimate weighted by its number of held-out queries; the limits nodes report."""
         replies = self._drop_withheld(server_round, sorted(replies, key=_content_digest))
         ok = [m for m in replies if not m.has_error()]
+        if self.secure is not None:
+            if (server_round, "evaluate") not in self._sessions:  # under DP only the last round evaluates
+                return None
+            result = self._secure_sum(server_round, "evaluate", ok)
+            self.latest_evaluate = MetricRecord(evaluate_metrics(result.arrays)) if result.arrays is not None else None
+            return self.latest_evaluate
         self.latest_evaluate = super().aggregate_evaluate(server_round, replies) if ok else None
         if self.latest_evaluate is None:
             return None

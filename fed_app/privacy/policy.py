@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "privacy" / "default.yaml"
+DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "privacy" / "secure.yaml"
 BUDGET_RECORD = "privacy-budget"  # Context.state record: queries answered so far in this run
+RELEASES_RECORD = "dp-releases"  # Context.state record: noisy sums taken part in so far in this run
+FLOAT_FIELDS = ("distance_grid", "secagg_threshold", "dp_epsilon", "dp_delta", "dp_clip")
 
 
 class Refusal(Exception):
@@ -39,11 +41,19 @@ class ClientPolicy:
     query_budget: int
     distance_grid: float
     examples_digits: int
+    secure_aggregation: bool = True
+    secagg_min_clients: int = 3
+    secagg_threshold: float = 0.7
+    fixed_point_bits: int = 24
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-6
+    dp_max_releases: int = 1
+    dp_clip: float = 1.0
     allow_trusted_eval: bool = False  # exact per-query distances: simulated data only
     source: str = "defaults"
 
     def __post_init__(self) -> None:
-        for name in ("min_count", "max_k", "max_range_results", "query_budget"):
+        for name in ("min_count", "max_k", "max_range_results", "query_budget", "secagg_min_clients", "dp_max_releases"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{self._key(name)}: must be an integer >= 1, got {value!r} (from {self.source})")
@@ -52,6 +62,40 @@ class ClientPolicy:
         g = self.distance_grid
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"{self._key('distance_grid')}: must be a number >= 0, got {g!r} (from {self.source})")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"{self._key('secure_aggregation')}: must be true or false, got {self.secure_aggregation!r} (from {self.source})")
+        checks = {
+            "secagg_threshold": (lambda v: 0.5 < v <= 1, "a fraction in (0.5, 1]"),
+            "fixed_point_bits": (lambda v: 8 <= v <= 40, "an integer in [8, 40]"),
+            "dp_epsilon": (lambda v: v >= 0, "a number >= 0 (0: no noise)"),
+            "dp_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+            "dp_clip": (lambda v: v > 0, "a number > 0"),
+        }
+        for name, (ok, what) in checks.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"{self._key(name)}: must be {what}, got {v!r} (from {self.source})")
+        if self.dp_epsilon > 0 and not self.secure_aggregation:
+            raise ValueError(f"{self._key('dp_epsilon')}: distributed DP noise needs secure aggregation (each client adds only a share of it)")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_epsilon > 0
+
+    def noise_multiplier(self) -> float:
+        """z for this client's own epsilon over its own maximum number of releases."""
+        from .dp import noise_multiplier
+
+        return noise_multiplier(float(self.dp_epsilon), float(self.dp_delta), int(self.dp_max_releases))
+
+    def spend_release(self, used: int) -> int:
+        if used + 1 > self.dp_max_releases:
+            raise Refusal(
+                "dp-max-releases",
+                f"this node has taken part in its dp-max-releases={self.dp_max_releases} noisy sums for this run; "
+                f"one more would exceed its epsilon={self.dp_epsilon}",
+            )
+        return used + 1
 
     def _key(self, name: str) -> str:
         """How the user spells this limit where it came from: node config or conf/."""
@@ -85,7 +129,12 @@ class ClientPolicy:
             if key in node_config:
                 values[name] = _parse(name, node_config[key])
                 set_here.append(key)
-        source = "node config (" + ", ".join(set_here) + ")" if set_here else "node defaults (conf/privacy/default.yaml)"
+        source = "node config (" + ", ".join(set_here) + ")" if set_here else "node defaults (conf/privacy/secure.yaml)"
+        if "shard-dir" in node_config and not values["secure_aggregation"]:
+            raise ValueError(
+                "secure-aggregation=false: a SuperNode with a shard-dir sends its statistics only through secure "
+                "aggregation (the trusted protocol is for simulations); remove secure-aggregation from its node config"
+            )
         return cls.from_mapping(values, source, allow_trusted_eval="shard-dir" not in node_config)
 
     def as_record(self) -> dict[str, float | int | str]:
@@ -157,6 +206,6 @@ def _node_key(name: str) -> str:
 
 def _parse(name: str, value: Any) -> Any:
     """Node-config values arrive typed from TOML-like syntax; accept ints for floats."""
-    if name == "distance_grid" and isinstance(value, int) and not isinstance(value, bool):
+    if name in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .dp import epsilon_spent
+
 WEAKEST = {"min-count": min, "max-k": max, "max-range-results": max, "query-budget": max, "distance-grid": min, "examples-digits": max}
 
 
@@ -36,6 +38,9 @@ def privacy_summary(cfg: dict[str, Any], strategy: Any, init_withheld: dict[int,
     limits = weakest_limits(strategy.node_policies)
     if limits.get("min-count", 5) < 2:
         warnings.append("min-count < 2: single vectors can leave a client as centroids or Lloyd cells")
+    secure = bool(cfg["privacy"]["secure_aggregation"])
+    if not secure:
+        warnings.append(f"privacy={cfg['privacy'].get('name')}: each client's statistics reached the server unmasked (research simulation only)")
     if cfg["init"]["source"] == "public":
         init = f"public vectors ({public_vectors}, {cfg['init'].get('public_path') or 'the held-out queries'}); no client statistics"
     elif cfg["strategy"]["flower"]["codebook_update"] == "local":
@@ -53,13 +58,59 @@ def privacy_summary(cfg: dict[str, Any], strategy: Any, init_withheld: dict[int,
             "init": {str(n): why for n, why in sorted(init_withheld.items())},
             **{f"round_{r}": {str(n): why for n, why in sorted(nodes.items())} for r, nodes in sorted(strategy.withheld.items())},
         },
-        "secure_aggregation": False,
-        "differential_privacy": {"on": False, "epsilon": None, "delta": None},
-        "visible_to_server": [
-            "each client's Lloyd sums and counts over cells with >= min-count vectors",
-            "each client's encoder weights after local training",
-            "each client's shard size, rounded to examples-digits significant digits",
-            "each client's mean distortion and its own held-out recall estimate",
-        ],
+        "secure_aggregation": secure,
+        "differential_privacy": differential_privacy(cfg, strategy),
+        "baselines": BASELINES,
+        "visible_to_server": visible_to_server(cfg),
         "warnings": warnings,
     }
+
+
+BASELINES = {
+    "fedlloyd/fedprox/fedadam/fedyogi": "secure aggregation; DP on every sum (encoder by federated Procrustes under DP)",
+    "init_only": "no codebook statistics after the public init; encoder as fedlloyd",
+    "local_only": "codebooks never leave the shard; encoder statistics as fedlloyd",
+    "avg_refined/avg_independent": "secure aggregation of n_k * centroids (privacy=secagg); refused under DP: no per-vector bound",
+}
+
+
+def differential_privacy(cfg: dict[str, Any], strategy: Any) -> dict[str, Any]:
+    """Epsilon over the noisy sums that actually happened, composed by dp-accounting.
+
+    Each release counts with the smallest noise multiplier any summed node stated: the
+    guarantee holds as long as the session's threshold of honest clients added theirs.
+    """
+    p = cfg["privacy"]
+    if not float(p["dp_epsilon"]) > 0:
+        return {"on": False, "epsilon": None, "delta": None}
+    delta = float(p["dp_delta"])
+    releases = list(getattr(strategy, "releases", []))
+    return {
+        "on": True,
+        "epsilon": round(epsilon_spent([r["noise_multiplier"] for r in releases], delta), 4),
+        "delta": delta,
+        "epsilon_budget": float(p["dp_epsilon"]),
+        "max_releases": int(p["dp_max_releases"]),
+        "releases": releases,
+        "unit": "one vector of one shard (add/remove)",
+        "clip_l2": float(p["dp_clip"]),
+        "mechanism": "Gaussian on every summed array, noise shared among clients (each adds sigma^2/t), inside secure aggregation",
+        "accountant": "dp-accounting RDP (ComposedDpEvent of GaussianDpEvent)",
+    }
+
+
+def visible_to_server(cfg: dict[str, Any]) -> list[str]:
+    p = cfg["privacy"]
+    if p["secure_aggregation"]:
+        out = ["each client's public keys and the shapes of its statistics; masked inputs (uniform in Z_2^64)",
+               "sums over at least secagg_threshold of the round's roster: Lloyd sums and counts, encoder statistics, evaluation sums",
+               "which nodes took part in, or dropped out of, each sum", "each client's stated limits and noise multiplier"]
+        if float(p["dp_epsilon"]) > 0:
+            out[1] += ", each with Gaussian noise (DP)"
+        return out
+    return [
+        "each client's Lloyd sums and counts over cells with >= min-count vectors",
+        "each client's encoder weights after local training",
+        "each client's shard size, rounded to examples-digits significant digits",
+        "each client's mean distortion and its own held-out recall estimate",
+    ]
