@@ -4,7 +4,7 @@
 A SuperNode started with ``--node-config 'shard-dir="/path"'`` works on that persisted
 shard; in simulation a client rebuilds its partition of the configured data set. Its
 privacy limits come from its node config (``max-k=100 min-count=5 ...``, defaults in
-``conf/privacy/default.yaml``) or, in ``python -m simulations.run``, from the simulator
+``conf/privacy/secure.yaml``) or, in ``python -m simulations.run``, from the simulator
 (:func:`make_client_app`); never from a message.
 """
 
@@ -18,8 +18,9 @@ from flwr.clientapp import ClientApp
 
 from vector_index.validation import VectorError
 
-from . import client_tasks, secure_statistics, shard_store
-from .local_data import client_shard
+# client_tasks, secure_statistics, shard_store and local_data pull in torch, faiss and
+# hydra: only the handlers that need them import them, so that a secure-aggregation stage
+# (in deployment a fresh ClientApp process per message) starts without them
 from .privacy import dp
 from .privacy.policy import BUDGET_RECORD, RELEASES_RECORD, ClientPolicy, Refusal
 from .privacy.release import Withheld
@@ -33,6 +34,9 @@ SESSION_RECORD, INPUT_RECORD, NOISE_RECORD = "secagg-session", "secagg-input", "
 
 
 def _vectors(cfg: dict, context: Context):
+    from . import shard_store
+    from .local_data import client_shard
+
     nc = context.node_config
     if "shard-dir" in nc:
         return shard_store.shard_vectors(shard_store.shard_path(nc, cfg))
@@ -164,6 +168,8 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
                 "secure-aggregation",
                 "init: k-FED sends this shard's own centroids, which cannot be summed securely; run with init.source=public",
             )
+        from . import client_tasks
+
         cfg, state, x, _ = _unpack(msg, context)
         out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg, pol)
         content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": pol.round_examples(x.shape[0])})})
@@ -172,6 +178,8 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @app.train()
     @guarded
     def train(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        from . import client_tasks, secure_statistics
+
         secure = _secure_only(msg, pol)
         cfg, state, x, _ = _unpack(msg, context)
         if secure:
@@ -184,6 +192,8 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @guarded
     def deploy(msg: Message, context: Context, pol: ClientPolicy) -> Message:
         """After the last round: re-encode this shard with the global model and save it."""
+        from . import shard_store
+
         cfg, state, x, ids = _unpack(msg, context)
         path = shard_store.shard_path(context.node_config, cfg)
         if path is None:
@@ -196,6 +206,8 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     @app.evaluate()
     @guarded
     def evaluate(msg: Message, context: Context, pol: ClientPolicy) -> Message:
+        from . import client_tasks, secure_statistics
+
         secure = _secure_only(msg, pol)
         cfg, state, x, ids = _unpack(msg, context)
         if secure:
@@ -215,6 +227,8 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
     def query(msg: Message, context: Context, pol: ClientPolicy) -> Message:
         """``mode=search``: answer from the persisted shard (compressed distances on the
         node's grid); else the trusted evaluation protocol, if this node allows it."""
+        from . import client_tasks, shard_store
+
         cfg = received_config(msg.content["config"])
         queries = msg.content["queries"]["vectors"].numpy()
         if cfg.get("mode") == "search":

@@ -7,7 +7,9 @@ import pytest
 
 from fed_app.config import compose_config
 
-TINY = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6", "init.local_k=64"]
+# privacy=secagg: these tests check exact federated numerics (Lloyd, recall vs centralized)
+# through secure aggregation; DP has its own tests (tests/privacy/test_dp.py, tests/secagg)
+TINY = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6", "init.local_k=64", "privacy=secagg"]
 
 
 @pytest.fixture

@@ -58,7 +58,11 @@ def test_flwr_run_composes_hydra_overrides(flwr_home, tmp_path):
     # simulated shards: the figures are the simulator's truth, the private estimate beside them
     final = summary["final"]
     assert final["federated"]["source"].startswith("simulator") and 0 < final["federated"]["recall_10_at_10"] <= 1
-    assert 0 < final["federated_estimate"]["recall_10_at_10"] <= 1 and "error" in final["federated_estimate"]
+    # under DP (the default) the private estimate is one noisy release of distortion sums
+    assert final["federated_estimate"]["distortion"] > 0 and "error" in final["federated_estimate"]
+    assert final["privacy"]["secure_aggregation"] is True
+    dp = final["privacy"]["differential_privacy"]
+    assert dp["on"] is True and 0 < dp["epsilon"] <= dp["epsilon_budget"] == 8.0 and len(dp["releases"]) == 3
     # under `flwr run` the clients' limits are their node config's (defaults here)
     assert final["privacy"]["node_limits"]["min-count"] == 5
     assert all(p["source"].startswith("node defaults") for p in final["privacy"]["node_limits_by_node"].values())

@@ -14,7 +14,8 @@ from simulations.check_summary import problems
 from simulations.report import PLOTS
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6", "init.local_k=64", "num_clients=3", "num_rounds=2"]
+TINY = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6", "init.local_k=64", "num_clients=3", "num_rounds=2",
+        "privacy=secagg"]  # the averaging baselines are refused under DP
 
 
 def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

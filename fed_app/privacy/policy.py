@@ -1,7 +1,7 @@
 """A client's own privacy limits, and the checks every request passes through.
 
 The limits come from where the server cannot reach: a deployed SuperNode's
-``--node-config`` (``min-count=5 max-k=100 ...``), with ``conf/privacy/default.yaml`` for
+``--node-config`` (``min-count=5 max-k=100 ...``), with ``conf/privacy/secure.yaml`` for
 keys it does not set; or, in ``python -m simulations.run``, the simulator's own
 ``privacy`` group handed to the ClientApp in-process. A request beyond a limit is
 refused with a reply naming the limit: never silently obeyed, never silently truncated.
@@ -33,7 +33,7 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class ClientPolicy:
-    """What a client enforces; see conf/privacy/default.yaml for the meaning of each."""
+    """What a client enforces; see conf/privacy/secure.yaml for the meaning of each."""
 
     min_count: int
     max_k: int

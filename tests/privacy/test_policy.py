@@ -113,7 +113,7 @@ def test_node_defaults_equal_the_shipped_defaults_file():
     assert DEFAULTS["min_count"] >= 5
     for name in ("min_count", "max_k", "max_range_results", "query_budget", "distance_grid", "examples_digits"):
         assert getattr(p, name) == DEFAULTS[name], name
-    assert p.source == "node defaults (conf/privacy/default.yaml)"
+    assert p.source == "node defaults (conf/privacy/secure.yaml)"
     assert p.allow_trusted_eval is True  # no shard-dir: a simulated node
 
 
@@ -183,7 +183,7 @@ def test_for_simulation_default_privacy():
     for name in ("min_count", "max_k", "max_range_results", "query_budget", "distance_grid", "examples_digits"):
         assert getattr(p, name) == DEFAULTS[name], name
     assert p.allow_trusted_eval is False
-    assert "simulator" in p.source and "default" in p.source
+    assert "simulator" in p.source and "secure" in p.source
 
 
 def test_for_simulation_privacy_off():
@@ -193,7 +193,7 @@ def test_for_simulation_privacy_off():
     assert "off" in p.source
 
 
-@pytest.mark.parametrize("privacy", ["default", "off"])
+@pytest.mark.parametrize("privacy", ["secure", "trusted", "off"])
 def test_for_simulation_trusted_only_with_trusted_protocol(privacy):
     cfg = composed(*SMALL, f"privacy={privacy}")
     for protocol, allowed in (("trusted", True), ("private", False)):
@@ -743,10 +743,10 @@ def test_client_app_range_above_limit_refused(pq_shard, shard_data):
 def test_client_app_tiny_shard_init_is_withheld(tmp_path, shard_data):
     x, ids, _ = shard_data
     make_shard(tmp_path / "tiny", "flat", x[:3], ids[:3])
-    cfg = composed(*SMALL)
+    cfg = composed(*SMALL, "privacy=trusted", "init.source=clients")  # k-FED init: the trusted protocol only
     config = ConfigRecord({**dict(client_config(cfg).items()), "init-level": "pq"})
     msg = message("train.init", {"config": config, "arrays": encoder_record(initial_weights(D, "rotation"))})
-    reply = make_client_app()(msg, context({"shard-dir": str(tmp_path / "tiny")}))
+    reply = make_client_app(ClientPolicy.for_simulation(cfg))(msg, context({"shard-dir": str(tmp_path / "tiny")}))
     assert "init" not in reply.content
     assert "3 vector(s)" in reply.content["withheld"]["reason"] and "min-count=5" in reply.content["withheld"]["reason"]
     assert reply.content["metrics"]["num-examples"] == 0.0
