@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from vector_index.quantizers import reconstruct, squared_errors
 
@@ -106,8 +107,6 @@ def procrustes(cross: np.ndarray) -> np.ndarray:
 
 def rotation_weights(encoder: dict[str, np.ndarray], rotation: np.ndarray) -> dict[str, np.ndarray]:
     """The rotation encoder's torch weights holding ``rotation``."""
-    import torch
-
     model = load_encoder(encoder)
     with torch.no_grad():
         model.linear.weight = torch.from_numpy(np.ascontiguousarray(rotation))

@@ -107,22 +107,28 @@ class CodebookMixin:
             self.node_policies.update({m.metadata.src_node_id: dict(m.content["policy"].items()) for m in ok})
             self.all_simulated = all(float(m.content["info"]["simulated-partition"]) == 1.0 for m in ok)
 
+    def _note_release(self, server_round: int, phase: str, replies: list[Message], result) -> None:
+        """A noisy sum is a DP release: record the smallest multiplier a summed node
+        stated (the guarantee), and the total noise std per array (for empty cells)."""
+        summed = [m for m in replies if not m.has_error() and m.metadata.src_node_id in result.summed and "info" in m.content.config_records]
+        multipliers = [float(m.content["info"]["noise-multiplier"]) for m in summed]
+        if not multipliers or min(multipliers) <= 0:
+            return
+        self.releases.append({"round": server_round, "phase": phase, "noise_multiplier": min(multipliers),
+                              "clients": len(result.summed), "threshold": result.threshold})
+        variance: dict[str, float] = {}
+        for m in summed:
+            for k, v in m.content["noise"].items():
+                variance[k] = variance.get(k, 0.0) + float(v) ** 2 / result.threshold
+        self._noise_std = {k: math.sqrt(v) for k, v in variance.items()}
+
     def _secure_sum(self, server_round: int, phase: str, replies: list[Message]):
         assert self.secure is not None and self._grid is not None
         self._note_nodes(replies)
         result = secure_sum(self._grid, self._sessions[(server_round, phase)], replies, self.secure.threshold,
                             self.secure.min_clients, self.secure.timeout, f"round {server_round} {phase}")
-        noisy = {n: float(m.content["info"]["noise-multiplier"]) for m in replies if not m.has_error() and "info" in m.content.config_records
-                 for n in [m.metadata.src_node_id] if n in result.summed and float(m.content["info"]["noise-multiplier"]) > 0}
-        if result.arrays is not None and noisy:
-            stds = {}
-            for m in replies:
-                if not m.has_error() and m.metadata.src_node_id in result.summed and "noise" in m.content.config_records:
-                    for k, v in m.content["noise"].items():
-                        stds[k] = stds.get(k, 0.0) + float(v) ** 2 / result.threshold
-            self.releases.append({"round": server_round, "phase": phase, "noise_multiplier": min(noisy.values()),
-                                  "clients": len(result.summed), "threshold": result.threshold})
-            self._noise_std = {k: math.sqrt(v) for k, v in stds.items()}
+        if result.arrays is not None:
+            self._note_release(server_round, phase, replies, result)
         return result
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -217,6 +223,9 @@ class CodebookMixin:
         sent = self._sent.get(server_round, [])
         self.missing[server_round] = [n for n in sent if n not in result.summed]
         self.round_log[server_round] = {"clients": float(len(result.summed)), "clients_missing": float(len(self.missing[server_round]))}
+        if self.missing[server_round]:
+            log(WARNING, "round %d: no usable reply from node(s) %s (died, failed, timed out or dropped from the secure sum); "
+                "aggregating %d of %d", server_round, self.missing[server_round], len(result.summed), len(sent))
         if result.arrays is None:
             log(WARNING, "round %d: %s; global model unchanged", server_round, result.reason)
             return None, None
