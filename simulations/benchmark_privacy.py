@@ -22,6 +22,39 @@ Writes ``<out>/benchmark_privacy.md`` (the tables) and ``<out>/benchmark_privacy
 (every raw number); each run's own directory goes under ``--runs`` (default
 ``<out>/runs``). Exit code 1 if an attack recovers a raw vector under the defaults, a
 run failed, or the on/off recall ratio misses the target.
+
+``--dp``: the cost of secure aggregation and DP instead (tables 3-4; 32 runs, about two
+hours on 2 cores shared with other jobs, the 200-client secure-aggregation run alone a
+quarter of an hour; not in the default invocation, ``--all`` runs tables 3-4 then 1-2):
+
+    python -m simulations.benchmark_privacy --dp --runs /tmp/dp-runs                   # GloVe 100k, every run
+    python -m simulations.benchmark_privacy --dp --runs /tmp/dp-runs --max-minutes 20  # no new run after 20 min of runs
+    python -m simulations.benchmark_privacy --dp --runs /tmp/dp-runs --reuse           # finished runs read back, the rest run
+    python -m simulations.benchmark_privacy --dp --quick                               # tiny synthetic data, a smoke test
+
+Runs go in order of use, so a run cut short by ``--max-minutes`` still has the targets'
+figures: the secure-aggregation timings, then the default setting (IID, 10 clients) at
+no DP and epsilon 8, its ``train.lam=0`` pair, the rest of its curve, then the other
+settings. ``--reuse --max-minutes 0`` only redraws the tables and the plot.
+
+Table 3, privacy/utility. True 10-R@10 (simulator) against the DP budget epsilon in
+{1, 2, 4, 8, 16} (``privacy=secure privacy.dp_epsilon=E``) and without DP
+(``privacy=secagg``), for {IID, Dirichlet} x {10, 50} clients, 10 rounds; the ratio to
+the no-DP run of the same setting and the epsilon the accountant reports as spent
+(``final.privacy.differential_privacy.epsilon``). One more pair, ``train.lam=0`` at
+epsilon 8 vs no DP (IID, 10 clients), separates the noise from the DP encoder (federated
+Procrustes under DP; the torch rotation encoder otherwise).
+
+Table 4, the cost of secure aggregation: median seconds per training round (differences
+of ``rounds[].elapsed_s``) and bytes up per client per round, ``privacy=secagg`` vs
+``privacy=trusted`` at 10, 50 and 200 clients (3 rounds; 200 clients on a 20k base), the
+two arms run alternately so both see the same machine load.
+
+Writes ``<out>/benchmark_dp.md``, ``<out>/benchmark_dp.json`` (every raw number, rewritten
+after every run) and ``<out>/privacy_utility.png`` (``simulations.report.plot_privacy_utility``).
+Targets: at epsilon 8 true 10-R@10 >= 0.97x the no-DP run (every setting); secure
+aggregation round time <= 1.5x plain at 50 clients. Exit code 1 if a run failed or a
+target is missed.
 """
 
 from __future__ import annotations
@@ -30,6 +63,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -318,6 +352,383 @@ def utility_table(results: list[dict[str, Any]], old: dict[str, float]) -> tuple
     return "\n".join(lines), problems
 
 
+# -- tables 3-4: the cost of DP and of secure aggregation (--dp) ----------------------------
+
+DP_EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)
+DEFAULT_EPSILON = 8.0  # conf/privacy/secure.yaml
+DP_TARGET = 0.97  # true 10-R@10 at the default epsilon >= this x the no-DP run
+SECAGG_TIME_TARGET = 1.5  # secure-aggregation round time <= this x plain ...
+SECAGG_TIME_CLIENTS = 50  # ... at this many clients
+NO_DP = ["privacy=secagg"]  # secure aggregation, no noise: the reference of every ratio
+LAM0 = ["train.lam=0"]  # plain PQ, no encoder: no DP encoder either
+
+DP_COMMON = ["eval.every=10", "save_shards=false", "eval.centralized=false"]  # truth at the end only
+DP_SETTINGS = {  # name -> overrides (GloVe 100k, 2k queries, 10 rounds)
+    "iid, 10 clients": ["partition=iid", "num_clients=10"],
+    "iid, 50 clients": ["partition=iid", "num_clients=50"],
+    "dirichlet, 10 clients": ["partition=dirichlet", "num_clients=10"],
+    "dirichlet, 50 clients": ["partition=dirichlet", "num_clients=50"],
+}
+LAM0_SETTING = "iid, 10 clients"
+TIMING_ARMS = {  # arm -> overrides
+    "plain": ["privacy=trusted"],
+    "secagg": ["privacy=secagg"],
+}
+TIMING_SETTINGS = {  # clients -> overrides (same for both arms)
+    10: ["num_clients=10", "num_rounds=3"],
+    50: ["num_clients=50", "num_rounds=3"],
+    200: ["num_clients=200", "num_rounds=3", "data.num_base=20000"],
+}
+
+QUICK_DP_EPSILONS = (1.0, 8.0)
+QUICK_DP_SETTINGS = {
+    "iid, 10 clients": ["partition=iid", "num_clients=10", "num_rounds=2", "privacy.dp_max_releases=3"],
+    "dirichlet, 10 clients": ["partition=dirichlet", "partition.num_clusters=20", "num_clients=10", "num_rounds=2",
+                              "privacy.dp_max_releases=3"],
+}
+QUICK_TIMING_SETTINGS = {
+    10: ["num_clients=10", "num_rounds=2"],
+    20: ["num_clients=20", "num_rounds=2"],
+}
+
+
+def _reusable(out_dir: Path, overrides: list[str]) -> bool:
+    """A finished run of exactly these overrides is in out_dir."""
+    marker = out_dir / "benchmark_overrides.json"
+    return (out_dir / "summary.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == overrides
+
+
+def _run_entry(entry: dict[str, Any], out_dir: Path, reuse: bool) -> dict[str, Any]:
+    """One plain simulation; fills entry (status, final, rounds, times). With ``reuse`` a
+    finished run in out_dir with the same overrides is read back instead of run again."""
+    ov = entry["overrides"]
+    marker = out_dir / "benchmark_overrides.json"
+    entry.update(out_dir=str(out_dir), load_before=_load())
+    t0 = time.perf_counter()
+    job_file = out_dir / "benchmark_job.json"  # when and how long the run took (read back with --reuse)
+    if reuse and _reusable(out_dir, ov):
+        summary = json.loads((out_dir / "summary.json").read_text())
+        earlier = json.loads(job_file.read_text()) if job_file.is_file() else {}
+        entry.update(status="ok", reused=True, started=earlier.get("started"),
+                     first_job_wall_s=earlier.get("job_wall_s", summary.get("wall_time_s")),
+                     load_before=earlier.get("load_before"))  # None: not recorded when it ran
+        print(f"[benchmark_privacy]   reused {out_dir}", flush=True)
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        marker.write_text(json.dumps(ov))
+        entry["started"] = _now()
+        try:
+            summary = json.loads(simulate(compose_config(ov), out_dir).read_text())
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the other runs still go
+            entry.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         traceback=traceback.format_exc())
+            print(entry["traceback"], file=sys.stderr, flush=True)
+            summary = None
+        else:
+            entry.update(status="ok", reused=False)
+    if summary is not None:
+        dp = summary["final"].get("privacy", {}).get("differential_privacy", {})
+        entry.update(
+            recall_10_at_10=summary["final"]["federated"].get("recall_10_at_10"),
+            recall_1_at_1=summary["final"]["federated"].get("recall_1_at_1"),
+            distortion=summary["final"]["federated"].get("distortion"),
+            source=summary["final"]["federated"].get("source"),
+            epsilon_spent=dp.get("epsilon"), dp_releases=len(dp.get("releases", [])) if dp.get("on") else 0,
+            bytes_up_per_client_per_round=summary["final"].get("bytes_up_per_client_per_round"),
+            round_s=round_seconds(summary.get("rounds") or []),
+            wall_time_s=summary.get("wall_time_s"), rounds=summary.get("rounds"),
+            missing_nodes=summary.get("missing_nodes"), final=summary["final"],
+        )
+    entry["job_wall_s"] = round(time.perf_counter() - t0, 2)
+    entry["load_after"] = _load()
+    if entry["status"] == "ok" and not entry.get("reused"):
+        job_file.write_text(json.dumps({k: entry[k] for k in ("started", "job_wall_s", "load_before", "load_after")}))
+    print(f"[benchmark_privacy]   {entry['status']} in {entry['job_wall_s']}s"
+          + (f", 10-R@10 {entry['recall_10_at_10']:.4f}" if entry.get("recall_10_at_10") is not None else ""), flush=True)
+    return entry
+
+
+def round_seconds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per training round: differences of ``elapsed_s`` between consecutive rows
+    (round r's row is written after its training and evaluation); their median."""
+    rows = sorted((r for r in rounds if "round" in r and "elapsed_s" in r), key=lambda r: r["round"])
+    diffs = [round(b["elapsed_s"] - a["elapsed_s"], 2) for a, b in zip(rows, rows[1:]) if b["round"] >= 1]
+    return {"per_round": diffs, "median": statistics.median(diffs) if diffs else None}
+
+
+def dp_jobs(settings: dict[str, list[str]], epsilons: tuple[float, ...], data: list[str]) -> list[dict[str, Any]]:
+    """Every run of table 3, in the order that keeps a run cut short by --max-minutes
+    useful: the first (default) setting's no-DP run and default epsilon (the target),
+    its train.lam=0 pair, the rest of its curve (extremes first); then every other
+    setting's no-DP run and default epsilon; then the rest of their curves."""
+    def job(i: int, name: str, overrides: list[str], eps: float | None, lam0: bool) -> dict[str, Any]:
+        arm = NO_DP if eps is None else ["privacy=secure", f"privacy.dp_epsilon={eps:g}"]
+        tag = f"dp-{i}-{'nodp' if eps is None else f'eps{eps:g}'}{'-lam0' if lam0 else ''}"
+        return {"section": "dp", "setting": name, "epsilon": eps, "lam0": lam0, "tag": tag,
+                "overrides": [*data, *DP_COMMON, *overrides, *arm, *(LAM0 if lam0 else [])]}
+
+    items = list(settings.items())
+    first = [DEFAULT_EPSILON] if DEFAULT_EPSILON in epsilons else []
+    rest = [e for e in epsilons if e not in first]
+    rest = sorted(rest, key=lambda e: (e not in (min(rest), max(rest)), e)) if rest else rest  # 1, 16, 2, 4
+    jobs = [job(0, items[0][0], items[0][1], eps, False) for eps in (None, *first)]
+    jobs += [job(i, name, ov, eps, True) for i, (name, ov) in enumerate(items) if name == LAM0_SETTING for eps in (None, DEFAULT_EPSILON)]
+    jobs += [job(0, items[0][0], items[0][1], eps, False) for eps in rest]
+    jobs += [job(i, name, ov, eps, False) for i, (name, ov) in enumerate(items) if i > 0 for eps in (None, *first)]
+    jobs += [job(i, name, ov, eps, False) for i, (name, ov) in enumerate(items) if i > 0 for eps in rest]
+    return jobs
+
+
+def timing_jobs(settings: dict[int, list[str]], data: list[str]) -> list[dict[str, Any]]:
+    """Table 4: per client count, the plain and secagg arms back to back."""
+    jobs = []
+    for clients, overrides in settings.items():
+        for arm, extra in TIMING_ARMS.items():
+            jobs.append({"section": "timing", "clients": clients, "arm": arm, "tag": f"timing-{clients}-{arm}",
+                         "overrides": [*data, "eval.every=10", "save_shards=false", "eval.centralized=false", *overrides, *extra]})
+    return jobs
+
+
+def _label(e: dict[str, Any]) -> str:
+    if e["section"] == "timing":
+        return f"timing: {e['clients']} clients, {e['arm']}"
+    return f"dp: {e['setting']}{', lam=0' if e['lam0'] else ''}, " + ("no DP" if e["epsilon"] is None else f"eps={e['epsilon']:g}")
+
+
+def dp_reference(results: list[dict[str, Any]], e: dict[str, Any]) -> dict[str, Any] | None:
+    """The no-DP run of e's setting (same train.lam)."""
+    for r in results:
+        if r["section"] == "dp" and r["setting"] == e["setting"] and r["lam0"] == e["lam0"] and r["epsilon"] is None:
+            return r
+    return None
+
+
+def dp_ratio(results: list[dict[str, Any]], e: dict[str, Any]) -> float | None:
+    ref = dp_reference(results, e)
+    if ref is None or e.get("recall_10_at_10") is None or not ref.get("recall_10_at_10"):
+        return None
+    return e["recall_10_at_10"] / ref["recall_10_at_10"]
+
+
+def dp_tables(results: list[dict[str, Any]], epsilons: tuple[float, ...]) -> tuple[str, str, str, list[str], list[str]]:
+    """(recall table, epsilon-spent table, lam=0 table, target lines, problems)."""
+    dp = [r for r in results if r["section"] == "dp"]
+    rows = [(s, lam0) for s in dict.fromkeys(r["setting"] for r in dp) for lam0 in (False, True)
+            if any(r["setting"] == s and r["lam0"] == lam0 for r in dp)]
+
+    def find(s: str, lam0: bool, eps: float | None) -> dict[str, Any] | None:
+        return next((r for r in dp if r["setting"] == s and r["lam0"] == lam0 and r["epsilon"] == eps), None)
+
+    head = ["setting", "no DP (privacy=secagg)", *(f"eps={e:g}" + (" (default)" if e == DEFAULT_EPSILON else "") for e in epsilons)]
+    t_recall = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    t_eps = ["| " + " | ".join(["setting", *(f"eps={e:g}" for e in epsilons)]) + " |", "|" + "---|" * (len(epsilons) + 1)]
+    problems, targets = [], []
+    for s, lam0 in rows:
+        name = s + (", train.lam=0" if lam0 else "")
+        cells, eps_cells = [], []
+        for eps in (None, *epsilons):
+            r = find(s, lam0, eps)
+            if r is None:
+                cells.append("-")
+            elif r["status"] != "ok":
+                cells.append("failed")
+                problems.append(f"{_label(r)}: run failed: {r.get('error')}")
+            elif eps is None:
+                cells.append(f"{_fmt(r['recall_10_at_10'])} (1)")
+            else:
+                q = dp_ratio(results, r)
+                cells.append(f"{_fmt(r['recall_10_at_10'])} ({_fmt(q, 3)}x)")
+            if eps is not None:
+                eps_cells.append("-" if r is None or r["status"] != "ok" else
+                                 f"{_fmt(r.get('epsilon_spent'), 3)} ({r.get('dp_releases', 0)} releases)")
+        t_recall.append("| " + " | ".join([name, *cells]) + " |")
+        t_eps.append("| " + " | ".join([name, *eps_cells]) + " |")
+        r8 = find(s, lam0, DEFAULT_EPSILON)
+        if r8 is not None and r8["status"] == "ok" and not lam0:
+            q = dp_ratio(results, r8)
+            ok = q is not None and q >= DP_TARGET
+            targets.append(f"{'PASS' if ok else 'FAIL'}: {s}{' (the default setting)' if s == LAM0_SETTING else ''}: true 10-R@10 at eps={DEFAULT_EPSILON:g} is "
+                           f"{_fmt(q, 3)}x the no-DP run (target >= {DP_TARGET})")
+        for eps in epsilons:
+            r = find(s, lam0, eps)
+            if r is not None and r["status"] == "ok" and r.get("epsilon_spent") is not None and r["epsilon_spent"] > eps * 1.0001:
+                problems.append(f"{_label(r)}: epsilon spent {r['epsilon_spent']} exceeds the budget {eps:g}")
+    # the noise vs the DP encoder (train.lam=0: no encoder, so no DP encoder)
+    cells = {(lam0, eps): find(LAM0_SETTING, lam0, eps) for lam0 in (False, True) for eps in (None, DEFAULT_EPSILON)}
+    t_lam0 = "(not run)"
+    if all(r is not None and r["status"] == "ok" for r in cells.values()):
+        R = {k: r["recall_10_at_10"] for k, r in cells.items()}
+        t_lam0 = "\n".join([
+            "| " + " | ".join(["encoder", "no DP (privacy=secagg)", f"eps={DEFAULT_EPSILON:g} (privacy=secure)", "DP / no DP"]) + " |",
+            "|---|---|---|---|",
+            f"| train.lam=10 (default): torch rotation encoder without DP, federated Procrustes under DP | {_fmt(R[(False, None)])} | "
+            f"{_fmt(R[(False, DEFAULT_EPSILON)])} | {_fmt(R[(False, DEFAULT_EPSILON)] / R[(False, None)], 3)}x |",
+            f"| train.lam=0: no encoder (plain PQ on the raw vectors), the same in both arms | {_fmt(R[(True, None)])} | "
+            f"{_fmt(R[(True, DEFAULT_EPSILON)])} | {_fmt(R[(True, DEFAULT_EPSILON)] / R[(True, None)], 3)}x |",
+            f"| lam=10 / lam=0 | {_fmt(R[(False, None)] / R[(True, None)], 3)}x | {_fmt(R[(False, DEFAULT_EPSILON)] / R[(True, DEFAULT_EPSILON)], 3)}x | |",
+        ])
+    return "\n".join(t_recall), "\n".join(t_eps), t_lam0, targets, problems
+
+
+def timing_table(results: list[dict[str, Any]], target_clients: int | None) -> tuple[str, list[str], list[str]]:
+    tm = [r for r in results if r["section"] == "timing"]
+    head = ["clients", "base / rounds", "plain s/round (median)", "secagg s/round (median)", "secagg / plain time",
+            "fastest round: plain / secagg s (ratio)",
+            "plain bytes up / client / round", "secagg bytes up / client / round", "secagg / plain bytes",
+            "run wall s plain / secagg", "each round's s: plain / secagg", "load (1-min) at start: plain / secagg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    targets, problems = [], []
+    for clients in dict.fromkeys(r["clients"] for r in tm):
+        arms = {r["arm"]: r for r in tm if r["clients"] == clients}
+        p, s = arms.get("plain"), arms.get("secagg")
+        bad = [r for r in (p, s) if r is None or r["status"] != "ok"]
+        for r in bad:
+            if r is not None:
+                problems.append(f"{_label(r)}: run failed: {r.get('error')}")
+        if bad:
+            lines.append(f"| {clients} | " + " | ".join(["failed / not run"] * (len(head) - 1)) + " |")
+            continue
+        ov = compose_config(p["overrides"])
+        tp, ts = p["round_s"]["median"], s["round_s"]["median"]
+        bp, bs = p["bytes_up_per_client_per_round"], s["bytes_up_per_client_per_round"]
+        q = ts / tp if tp and ts is not None else None
+        lines.append("| " + " | ".join([
+            str(clients), f"{int(ov['data']['num_base']):,} / {ov['num_rounds']}", _fmt(tp, 2), _fmt(ts, 2), _fmt(q, 2) + "x",
+            f"{min(p['round_s']['per_round']):g} / {min(s['round_s']['per_round']):g} "
+            f"({min(s['round_s']['per_round']) / min(p['round_s']['per_round']):.2f}x)",
+            f"{bp:,.0f}", f"{bs:,.0f}", _fmt(bs / bp if bp else None, 2) + "x",
+            f"{_fmt(p.get('wall_time_s'), 0)} / {_fmt(s.get('wall_time_s'), 0)}",
+            f"{', '.join(f'{x:g}' for x in p['round_s']['per_round'])} / {', '.join(f'{x:g}' for x in s['round_s']['per_round'])}",
+            " / ".join(str(r.get("load_before") or "?").split()[0] for r in (p, s)),
+        ]) + " |")
+        if clients == target_clients:
+            ok = q is not None and q <= SECAGG_TIME_TARGET
+            targets.append(f"{'PASS' if ok else 'FAIL'}: secure aggregation round time at {clients} clients is "
+                           f"{_fmt(q, 2)}x plain (target <= {SECAGG_TIME_TARGET})")
+    return ("\n".join(lines) if tm else "(not run)"), targets, problems
+
+
+def write_dp_outputs(out: Path, results: list[dict[str, Any]], meta: dict[str, Any], epsilons: tuple[float, ...],
+                     quick: bool, final: bool) -> tuple[list[str], list[str]]:
+    """benchmark_dp.md/.json (and, when final, the plot); (target lines, problems)."""
+    t_recall, t_eps, t_lam0, targets3, p3 = dp_tables(results, epsilons)
+    t4, targets4, p4 = timing_table(results, None if quick else SECAGG_TIME_CLIENTS)
+    targets, problems = targets3 + targets4, p3 + p4
+    if quick:
+        targets = [t.replace("PASS", "(not checked, --quick) pass").replace("FAIL", "(not checked, --quick) fail") for t in targets]
+    missed = [t for t in targets if t.startswith("FAIL")]
+    n_reused = sum(bool(r.get("reused")) for r in results)
+    plot = out / "privacy_utility.png"
+    data3 = ("synthetic (tests/privacy-like), 2 rounds, dp_max_releases=3" if quick else
+             "GloVe-50d 100k base / 2k queries, PQ 10x8, 10 rounds, rotation encoder lam=10, "
+             f"delta=1e-6, dp_max_releases=11; {' '.join(DP_COMMON)}")
+    md = "\n".join([
+        "# Cost of secure aggregation and differential privacy" + (" (--quick smoke test)" if quick else ""),
+        "",
+        f"`{meta['command']}`, started {meta['started']}, {meta.get('wall_time_s', 0):.0f} s in all"
+        + ("" if final else " so far (**incomplete**: runs still going)")
+        + (f" ({n_reused} of {len(results)} runs read back with --reuse; the runs took "
+           f"{sum(r.get('first_job_wall_s') or r.get('job_wall_s') or 0 for r in results):.0f} s when they ran)" if n_reused else "")
+        + f", load average {meta['load_start']} at the start and {_load()} at the end ({os.cpu_count()} cores, shared with other jobs).",
+        "",
+        "## 3. Privacy / utility",
+        "",
+        f"Data: {data3}. **no DP** = `privacy=secagg` (secure aggregation, exact sums); **eps=E** = "
+        "`privacy=secure privacy.dp_epsilon=E` (secure aggregation + central DP, the default at E=8). "
+        "Cells: true 10-R@10 (the simulator's, global model over the union of shards) and, in brackets, "
+        "its ratio to the no-DP run of the same setting.",
+        "",
+        t_recall,
+        "",
+        "Epsilon actually spent, as the accountant reports it (`final.privacy.differential_privacy.epsilon`, "
+        "dp-accounting RDP over the noisy sums that happened), against the budget the clients calibrated to:",
+        "",
+        t_eps,
+        "",
+        f"### The noise vs the DP encoder ({LAM0_SETTING}, eps={DEFAULT_EPSILON:g})",
+        "",
+        "Under DP the rotation encoder is learned by federated Procrustes on clipped noisy sums; without DP "
+        "by the torch encoder (local SGD, FedAvg). With `train.lam=0` neither arm has an encoder, so the "
+        "DP / no-DP ratio of that row is the cost of the noise alone (on the codebook statistics).",
+        "",
+        t_lam0,
+        "",
+        f"![privacy/utility]({plot.name})",
+        "",
+        "## 4. Cost of secure aggregation",
+        "",
+        "**plain** = `privacy=trusted` (each client's statistics sent unmasked); **secagg** = `privacy=secagg` "
+        "(the same statistics inside a secure sum: key setup, Shamir shares, masked fixed-point vector, unmask), no DP in either arm; "
+        f"{'synthetic' if quick else 'GloVe'}, IID, eval every round (private estimate) with the truth at the last. Seconds per round: "
+        "differences of `rounds[].elapsed_s` (training + the round's evaluation; the last also holds the "
+        "simulator's truth), median over the rounds; the fastest round of each arm is beside it (the least disturbed by other jobs on the machine). Bytes up: what a client sends for one training round "
+        "(secagg: all four stages of the train sum), averaged over rounds (`final.bytes_up_per_client_per_round`). "
+        "The two arms of a row run back to back.",
+        "",
+        t4,
+        "",
+        "## Targets",
+        "",
+        *[f"- {t}" for t in targets],
+        "",
+        *(["## Problems", "", *[f"- {p}" for p in problems], ""] if problems else []),
+        *(["## Not run (--max-minutes)", "", "The same command with `--reuse` (and without `--max-minutes`) reads the "
+           "finished runs back from the runs directory and runs these:", "", *[f"- {x}" for x in meta["not_run"]], ""]
+          if meta.get("not_run") else []),
+    ])
+    (out / "benchmark_dp.md").write_text(md)
+    (out / "benchmark_dp.json").write_text(json.dumps({
+        **meta, "complete": final, "epsilons": list(epsilons), "default_epsilon": DEFAULT_EPSILON,
+        "dp_target": DP_TARGET, "secagg_time_target": SECAGG_TIME_TARGET, "secagg_time_clients": SECAGG_TIME_CLIENTS,
+        "targets": targets, "missed": missed, "problems": problems, "plot": str(plot),
+        "curve": [{"setting": r["setting"] + (", train.lam=0" if r["lam0"] else ""), "epsilon": r["epsilon"],
+                   "recall_10_at_10": r.get("recall_10_at_10"), "ratio": dp_ratio(results, r),
+                   "epsilon_spent": r.get("epsilon_spent")} for r in results if r["section"] == "dp" and r["status"] == "ok"],
+        "runs": results,
+    }, indent=2, default=str, allow_nan=True))
+    if final:
+        from simulations.report import plot_privacy_utility
+        try:
+            plot_privacy_utility(out / "benchmark_dp.json", plot)
+        except Exception:  # noqa: BLE001 - the tables are written; say why the plot is not
+            problems.append(f"plot failed: {traceback.format_exc().splitlines()[-1]}")
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+        print("\n" + md, flush=True)
+    return targets, problems
+
+
+def run_dp(out: Path, runs: Path, quick: bool, reuse: bool, epsilons: tuple[float, ...] | None, meta: dict[str, Any],
+           sections: tuple[str, ...] = ("curve", "timing"), max_minutes: float | None = None) -> tuple[list[str], list[str]]:
+    data = QUICK_DATA if quick else []
+    eps = epsilons or (QUICK_DP_EPSILONS if quick else DP_EPSILONS)
+    jobs = []
+    if "timing" in sections:  # short: first, so the secagg figures are there early
+        jobs += timing_jobs(QUICK_TIMING_SETTINGS if quick else TIMING_SETTINGS, data)
+    if "curve" in sections:
+        jobs += dp_jobs(QUICK_DP_SETTINGS if quick else DP_SETTINGS, eps, data)
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    not_run, spent = [], 0.0  # spent: seconds of runs this invocation ran (not read back)
+    for n, job in enumerate(jobs, 1):
+        over = max_minutes is not None and spent >= 60 * max_minutes
+        if over and not (reuse and _reusable(runs / job["tag"], job["overrides"])):  # finished runs are still read back
+            not_run.append(_label(job))
+            print(f"[benchmark_privacy] --max-minutes {max_minutes:g} reached: not running {_label(job)}", flush=True)
+            meta["not_run"] = not_run
+            continue
+        print(f"\n[benchmark_privacy] {n}/{len(jobs)} {_label(job)}  (load {_load()}, {time.perf_counter() - t0:.0f} s so far)", flush=True)
+        print("[benchmark_privacy]   overrides:", " ".join(job["overrides"]), flush=True)
+        results.append(_run_entry(job, runs / job.pop("tag"), reuse))
+        meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        if not results[-1].get("reused"):
+            spent += results[-1]["job_wall_s"]
+            write_dp_outputs(out, results, meta, eps, quick, final=False)  # partial tables while the rest run
+    meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    meta["load_end"] = _load()
+    return write_dp_outputs(out, results, meta, eps, quick, final=True)
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -329,11 +740,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, default=None, help="run directories (default <out>/runs)")
     ap.add_argument("--skip-attacks", action="store_true", help="table 2 only")
     ap.add_argument("--skip-utility", action="store_true", help="table 1 only")
+    ap.add_argument("--dp", action="store_true",
+                    help="tables 3-4 only (privacy/utility curve, secure-aggregation cost): benchmark_dp.md/.json + privacy_utility.png")
+    ap.add_argument("--all", action="store_true", help="tables 1-4: --dp first, then the default invocation (tables 1-2)")
+    ap.add_argument("--dp-sections", default="curve,timing", help="with --dp: curve, timing or both (default)")
+    ap.add_argument("--epsilons", default=None, help="with --dp: comma-separated DP budgets (default 1,2,4,8,16)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="with --dp: start no new run once the runs of this invocation took this many minutes "
+                         "(runs read back with --reuse do not count; 0: run nothing; the tables say what was not run)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --dp: read back finished runs under --runs (same overrides) instead of running them again")
     args = ap.parse_args(argv)
     out: Path = args.out or Path("outputs/benchmark_privacy_quick" if args.quick else "docs/results/privacy")
     runs: Path = args.runs or out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "-m", "simulations.benchmark_privacy", *(argv if argv is not None else sys.argv[1:])])
+    dp_status = 0
+    if args.dp or args.all:
+        meta = {"command": command, "quick": args.quick, "started": _now(), "load_start": _load(), "cpus": os.cpu_count(),
+                "runs_dir": str(runs)}
+        epsilons = tuple(float(e) for e in args.epsilons.split(",")) if args.epsilons else None
+        sections = tuple(x.strip() for x in args.dp_sections.split(",") if x.strip())
+        targets, dp_problems = run_dp(out, runs, args.quick, args.reuse, epsilons, meta, sections, args.max_minutes)
+        print("\ntargets:\n" + "\n".join(f"  {t}" for t in targets), flush=True)
+        if dp_problems:
+            print("problems:\n" + "\n".join(f"  {p}" for p in dp_problems), flush=True)
+        print(f"\nwritten: {out / 'benchmark_dp.md'}  {out / 'benchmark_dp.json'}  {out / 'privacy_utility.png'}", flush=True)
+        dp_status = 1 if dp_problems or any(t.startswith("FAIL") for t in targets) else 0
+        if not args.all:
+            return dp_status
     attack_settings, attack_data = (QUICK_ATTACK_SETTINGS, QUICK_DATA) if args.quick else (ATTACK_SETTINGS, ATTACK_DATA)
     utility_settings, utility_data = (QUICK_UTILITY_SETTINGS, QUICK_DATA) if args.quick else (UTILITY_SETTINGS, [])
     old = {} if args.quick else OLD_FIGURES
@@ -391,13 +827,13 @@ def main(argv: list[str] | None = None) -> int:
     name = "benchmark_privacy"
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(json.dumps({
-        "command": " ".join(["python", "-m", "simulations.benchmark_privacy", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "quick": args.quick, "started": started, "wall_time_s": wall, "load_start": load0, "load_end": _load(),
         "cpus": os.cpu_count(), "runs_dir": str(runs), "old_figures": old, "target_ratio": TARGET_RATIO,
         "attacks": attacks, "utility": utility, "problems": problems,
     }, indent=2, default=str, allow_nan=True))
     print(f"\nwritten: {out / f'{name}.md'}  {out / f'{name}.json'}", flush=True)
-    return 1 if problems else 0
+    return 1 if problems or dp_status else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Table and plots of a Hydra sweep (or of one run).
 
     python -m simulations.report multirun/2026-01-01/12-00-00 [--out reports/]
+    python -m simulations.report docs/results/privacy/benchmark_dp.json   # privacy_utility.png beside it
 
 Scans the numbered run directories of a multirun (each with ``.hydra/overrides.yaml`` and
 ``summary.json``, or ``failed.json`` when the run raised) and writes, into ``--out``
@@ -12,6 +13,9 @@ Scans the numbered run directories of a multirun (each with ``.hydra/overrides.y
 - ``report.md``: the same as a Markdown table (also printed), failures listed below it;
 - ``recall_per_round.png``, ``distortion_per_round.png``: one line per successful run;
 - ``recall_vs_bytes.png``: final 10-R@10 against bytes per vector, one point per run.
+
+Given ``benchmark_dp.json`` (``simulations.benchmark_privacy --dp``) instead, it draws
+``privacy_utility.png`` (``plot_privacy_utility``): recall against epsilon per setting.
 """
 
 from __future__ import annotations
@@ -287,6 +291,55 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
+def plot_privacy_utility(source: Path | dict[str, Any], path: Path | None = None) -> Path:
+    """Recall against the DP budget from ``benchmark_dp.json`` (its path, or the loaded
+    dict; ``simulations.benchmark_privacy --dp``): one line per setting over its DP runs,
+    the no-DP run of the same setting as a dashed horizontal line of the same colour.
+    Written to ``path`` (default: privacy_utility.png beside the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if path is None:
+        if isinstance(source, dict):
+            raise ValueError("plot_privacy_utility: give a path when the source is a dict")
+        path = Path(source).with_name("privacy_utility.png")
+    path = Path(path)
+    curve = [c for c in data.get("curve", []) if _num(c.get("recall_10_at_10")) is not None]
+    settings = list(dict.fromkeys(c["setting"] for c in curve))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, setting in enumerate(settings):
+        color = plt.get_cmap("tab10")(i % 10)
+        pts = sorted((c["epsilon"], c["recall_10_at_10"]) for c in curve if c["setting"] == setting and c["epsilon"] is not None)
+        nodp = [c["recall_10_at_10"] for c in curve if c["setting"] == setting and c["epsilon"] is None]
+        marker = "o" if len(pts) > 1 else "D"  # a single DP point (the train.lam=0 check): a diamond
+        if pts:
+            ax.plot(*zip(*pts), "-" + marker, ms=5, color=color, label=setting)
+        if nodp:
+            ax.axhline(nodp[0], ls="--", lw=1.2, color=color, alpha=0.8, label=None if pts else f"{setting} (no DP)")
+    eps = sorted({c["epsilon"] for c in curve if c["epsilon"] is not None})
+    if eps:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps)
+        ax.set_xticklabels([f"{e:g}" for e in eps])
+    default = data.get("default_epsilon")
+    if default is not None:
+        ax.axvline(default, color="0.6", lw=0.8, ls=":")
+        ax.annotate(f"default eps={default:g}", (default, 0.02), xycoords=("data", "axes fraction"), xytext=(4, 0),
+                    textcoords="offset points", fontsize=7, color="0.4")
+    ax.plot([], [], "--", color="gray", label="dashed: no DP (privacy=secagg), same setting")
+    ax.set(xlabel="DP budget epsilon (delta = 1e-6, over the run's releases)", ylabel="true 10-recall@10 (simulator)",
+           title="Privacy / utility: federated 10-recall@10 vs epsilon")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def report(root: Path, out: Path | None = None) -> tuple[list[dict[str, Any]], str]:
     """Load every run under root, write report.csv/.md and the plots into out; (rows, markdown)."""
     root = Path(root)
@@ -302,9 +355,13 @@ def report(root: Path, out: Path | None = None) -> tuple[list[dict[str, Any]], s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", type=Path, help="a Hydra multirun directory, or one run's directory")
+    ap.add_argument("path", type=Path, help="a Hydra multirun directory, one run's directory, or a benchmark_dp.json")
     ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: path)")
     args = ap.parse_args(argv)
+    if args.path.is_file() and args.path.suffix == ".json":  # benchmark_privacy --dp's raw numbers: the plot
+        written = plot_privacy_utility(args.path, args.out / "privacy_utility.png" if args.out else None)
+        print(f"wrote {written}", file=sys.stderr)
+        return 0
     if not args.path.is_dir():
         print(f"not a directory: {args.path}", file=sys.stderr)
         return 2
