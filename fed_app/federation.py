@@ -189,6 +189,7 @@ class RoundEvaluator:
         self.source = SOURCE_ESTIMATE
         self.trusted = cfg["eval"]["protocol"] == "trusted"
         self.t0 = time.time()
+        self._initial: ArrayRecord | None = None  # round 0's model, until we know whether the shards are simulated
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if server_round == 0:  # Flower's own evaluate pass only follows training rounds
@@ -208,6 +209,11 @@ class RoundEvaluator:
         row.update(self.strategy.round_log.get(server_round, {}))
         row["elapsed_s"] = round(time.time() - self.t0, 2)
         self.rounds.append(row)
+        if server_round == 0 and "distortion" not in row and not self.trusted:
+            self._initial = arrays  # under DP nothing is evaluated before round 1 tells what the shards are
+        elif self._initial is not None and self.strategy.all_simulated:
+            self.rounds[0].update(self._truth_or_estimate(0, self._initial, self.rounds[0]))
+            self._initial = None
         log(
             INFO,
             "[fedvec] round %d/%d  distortion %.4f  10-R@10 %s (private estimate %s)  (%.1fs)",
