@@ -10,6 +10,10 @@ Two halves:
 - Pure numpy/faiss functions over arrays (no Flower inside): trilateration of vectors
   from search hits, and exposure scans that check whether any array row the server
   received equals a raw (sub-)vector.
+- What the server holds under secure aggregation: :func:`decoded_secure_sums` rebuilds
+  every sum from the recorded traffic alone (the server's own unmasking code), and the
+  differencing / count-one-cell attacks (:func:`difference_candidates`,
+  :func:`federation_candidates`) read raw sub-vectors off sums and their differences.
 
 Everything the attacks compare against must live in the same space as what the clients
 send: with a trained encoder, targets are the *encoded* vectors; for the ``pq`` level of
@@ -19,6 +23,7 @@ an IVF index, the residuals to the coarse centroids.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +54,7 @@ class Exchange:
     reply_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     reply_values: dict[str, dict[str, Any]] = field(default_factory=dict)  # Metric+ConfigRecords
     error: str | None = None
+    batch: int = -1  # which send_and_receive / push_messages call sent it (0, 1, ...)
 
 
 def _arrays_of(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
@@ -105,6 +111,7 @@ class ServerProxy(Grid):
         self.rewrite = rewrite
         self.exchanges: list[Exchange] = []
         self._pending: dict[str, Exchange] = {}  # message id -> exchange, for push/pull
+        self._batches = 0
 
     # -- the two calls fedvec and Flower's strategies make
     def get_node_ids(self) -> Iterable[int]:
@@ -112,7 +119,7 @@ class ServerProxy(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = self._prepare(messages)
-        exchanges = [_sent_snapshot(m) for m in sent]  # as sent, before the grid sees them
+        exchanges = self._snapshots(sent)  # as sent, before the grid sees them
         replies = list(self._grid.send_and_receive(sent, timeout=timeout))
         by_id = {m.metadata.message_id: ex for m, ex in zip(sent, exchanges) if m.metadata.message_id}
         by_node = {ex.node: ex for ex in exchanges}
@@ -126,7 +133,7 @@ class ServerProxy(Grid):
     # -- the rest of the Grid interface, by delegation
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         sent = self._prepare(messages)
-        exchanges = [_sent_snapshot(m) for m in sent]
+        exchanges = self._snapshots(sent)
         ids = list(self._grid.push_messages(sent))
         for m, ex in zip(sent, exchanges):
             self.exchanges.append(ex)
@@ -170,6 +177,13 @@ class ServerProxy(Grid):
             if ex.error is None
             and (message_type is None or ex.message_type == message_type or ex.message_type.startswith(message_type + "."))
         ]
+
+    def _snapshots(self, sent: list[Message]) -> list[Exchange]:
+        out = [_sent_snapshot(m) for m in sent]
+        for ex in out:
+            ex.batch = self._batches
+        self._batches += 1
+        return out
 
     def _prepare(self, messages: Iterable[Message]) -> list[Message]:
         out = list(messages)
@@ -361,3 +375,163 @@ def rows_of(exchanges: Iterable[Exchange], level: str = "pq", m: int | None = No
         return []
     width = dsub if dsub is not None else 0
     return [np.concatenate(p) if p else np.zeros((0, width)) for p in (per + [[] for _ in range(m - len(per))])]
+
+
+# -- secure aggregation: the sums the server decodes ----------------------------------
+
+
+@dataclass(eq=False)
+class DecodedSum:
+    """One completed secure-aggregation session, decoded from the recorded traffic."""
+
+    session: str
+    clients: frozenset[int]  # the survivors: whose inputs the sum holds
+    arrays: dict[str, np.ndarray]  # name -> summed array (as the layout names them)
+    setup: list[Exchange]  # the session's setup exchanges (train / evaluate): what was asked
+
+
+def _good(ex: Exchange) -> bool:
+    return ex.error is None and "refusal" not in ex.reply_values
+
+
+def decoded_secure_sums(exchanges: Iterable[Exchange]) -> list[DecodedSum]:
+    """Every secure sum the recorded traffic completed, decoded the way the server does
+    (``fed_app.secagg``) from what it received and nothing else: the setup replies' mask
+    keys and layouts, the survivors' masked uint64 inputs (``masked``/``y``), and the
+    unmasking shares. A session that aborted (or never reached unmasking) gives none.
+
+    This is the aggregate a curious server holds under ``privacy=secagg`` / ``secure``:
+    the attacks below read it, not any one client's reply.
+    """
+    from fed_app.secagg import fixed_point
+    from fed_app.secagg.rounds import LAYOUT, MESSAGE_TYPE, SETUP, read_layout, unflatten
+    from fed_app.secagg.server import Aborted, unmask_sum
+
+    sessions: dict[str, dict[str, list[Exchange]]] = {}
+    for ex in exchanges:
+        stage = str(ex.sent_config.get("stage", ""))
+        if (ex.message_type == MESSAGE_TYPE and stage in ("share", "mask", "unmask")) or (ex.message_type != MESSAGE_TYPE and stage == "setup"):
+            sessions.setdefault(str(ex.sent_config.get("session", "")), {}).setdefault(stage, []).append(ex)
+    out = []
+    for sid, st in sessions.items():
+        setups = [ex for ex in st.get("setup", []) if _good(ex) and LAYOUT in ex.reply_values and SETUP in ex.reply_values]
+        shares = st.get("share", [])
+        if not setups or not shares:
+            continue
+        asked = shares[0].sent_config
+        roster, s_pk, t = [int(n) for n in asked["roster"]], [bytes(b) for b in asked["s-pk"]], int(asked["threshold"])
+        by_node = {ex.node: ex for ex in setups}
+        layout = tuple(read_layout(by_node[roster[0]].reply_values[LAYOUT]))
+        bits = int(by_node[roster[0]].reply_values[SETUP]["fixed-point-bits"])
+        length = sum(int(np.prod(s, dtype=np.int64)) for _, s in layout)
+        shared = sorted(ex.node for ex in shares if _good(ex))
+        masked = {}
+        for ex in st.get("mask", []):
+            y = ex.reply_arrays.get("masked", {}).get("y") if _good(ex) else None
+            if y is not None and y.dtype == np.uint64 and y.size == length:
+                masked[ex.node] = y
+        revealed = {}
+        for ex in st.get("unmask", []):
+            rec = ex.reply_values.get("secagg", {}) if _good(ex) else {}
+            if "peers" in rec:
+                revealed[ex.node] = [(int(p), str(k), bytes(s)) for p, k, s in zip(rec["peers"], rec["kinds"], rec["shares"])]
+        if not masked:
+            continue
+        try:
+            total = unmask_sum(sid, roster, s_pk, t, masked, revealed, [v for v in shared if v not in masked])
+        except Aborted:
+            continue
+        out.append(DecodedSum(sid, frozenset(masked), unflatten(fixed_point.decode(total, bits), list(layout)), setups))
+    return out
+
+
+# -- differencing and small cells of sums: raw sub-vectors from counts of one --------
+
+
+ONE_TOL = 0.5  # a (noisy) count within this of 1 reads as "one vector"
+
+
+@dataclass(eq=False)
+class Observation:
+    """Lloyd statistics of one codebook level that the server holds about a set of
+    clients: one client's own reply (plain protocol) or a decoded secure sum."""
+
+    clients: frozenset[int]
+    model: str  # digest of everything the request carried (encoder, codebooks, config)
+    spaces: tuple[str, ...]  # digest(s) of the encoder(s) the sub-vectors were encoded with, as far as the server knows
+    sums: np.ndarray  # [M, K, dsub]
+    counts: np.ndarray  # [M, K]; real-valued under DP (noisy)
+    batch: int  # the send batch that asked for it (one round, or one session)
+    summed: bool  # a sum over clients (secure aggregation), not one client's reply
+
+
+def digest(*arrays: dict[str, Any]) -> str:
+    """A stable identity for dicts of arrays and config values (what was sent)."""
+    h = hashlib.sha1()
+    for d in arrays:
+        for k in sorted(d):
+            v = d[k]
+            h.update(k.encode() + (np.ascontiguousarray(v).tobytes() if isinstance(v, np.ndarray) else repr(v).encode()))
+    return h.hexdigest()
+
+
+def count_one_rows(sums: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """Per sub-space, the cell sums whose count reads as one vector: ``|count - 1| <
+    ONE_TOL``, and ``|count + 1| < ONE_TOL`` negated (in a difference, one vector that
+    left the cell). With exact counts, each such row is one raw (encoded) sub-vector."""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    return [np.concatenate([s[j][np.abs(c[j] - 1) < ONE_TOL], -s[j][np.abs(c[j] + 1) < ONE_TOL]]) for j in range(c.shape[0])]
+
+
+Candidates = list[tuple[tuple[str, ...], list[np.ndarray]]]  # (encoder spaces to test in, rows per sub-space)
+
+
+def difference_candidates(observations: Sequence[Observation]) -> Candidates:
+    """The differencing attack: subtract two observations in one encoder space.
+
+    - same request, one client set strictly inside the other: the difference is the
+      statistics of the clients only the larger set holds (the sum over {A, B, C}
+      minus the sum over {A, B} is C's own);
+    - same client set, other codebooks (two rounds, or two sessions the server set up):
+      a cell whose count moved by one gained or lost one vector, and the difference of
+      its sums is that vector.
+
+    Cells of a difference whose count reads as +-1 give candidate raw sub-vectors.
+    """
+    by_space: dict[str, list[Observation]] = {}
+    for ob in observations:
+        if len(ob.spaces) == 1:
+            by_space.setdefault(ob.spaces[0], []).append(ob)
+    out: Candidates = []
+    for space, obs in by_space.items():
+        for i, a in enumerate(obs):
+            for b in obs[i + 1:]:
+                if a.model == b.model:
+                    if not (a.clients < b.clients or b.clients < a.clients):
+                        continue
+                elif a.clients != b.clients:
+                    continue
+                rows = count_one_rows(a.sums - b.sums, a.counts - b.counts)
+                if any(r.size for r in rows):
+                    out.append(((space,), rows))
+    return out
+
+
+def federation_candidates(observations: Sequence[Observation]) -> Candidates:
+    """Federation-wide small cells: per request (send batch and model) the sum of what
+    every client contributed (the plain replies added up; a decoded secure sum as it
+    is). A cell whose total count reads as one holds one vector: its sum is that raw
+    sub-vector, in the space of the one client whose count there is one."""
+    groups: dict[tuple[int, str], list[Observation]] = {}
+    for ob in observations:
+        groups.setdefault((ob.batch, ob.model), []).append(ob)
+    out: Candidates = []
+    for obs in groups.values():
+        sums = np.sum([ob.sums for ob in obs], axis=0)
+        counts = np.sum([ob.counts for ob in obs], axis=0)
+        one = np.abs(counts - 1) < ONE_TOL
+        for ob in obs:
+            mask = one & (np.abs(ob.counts - 1) < ONE_TOL)
+            if mask.any():
+                out.append((ob.spaces, [sums[j][mask[j]] for j in range(mask.shape[0])]))
+    return out

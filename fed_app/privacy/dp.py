@@ -18,13 +18,21 @@ from __future__ import annotations
 import math
 import secrets
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+# dp_accounting (scipy) is imported where it is used: a ClientApp adding its noise share
+# in a secure-aggregation stage needs none of it (a fresh process per message in deployment)
 
 
 def _gaussians(multipliers: list[float]) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z) for z in multipliers])
 
 
@@ -32,6 +40,8 @@ def epsilon_spent(multipliers: list[float], delta: float) -> float:
     """Epsilon of the composition of Gaussian releases with these noise multipliers."""
     if not multipliers:
         return 0.0
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     accountant.compose(_gaussians(multipliers))
     return float(accountant.get_epsilon(delta))
@@ -42,6 +52,9 @@ def noise_multiplier(epsilon: float, delta: float, releases: int) -> float:
     """The z for which ``releases`` Gaussian releases compose to (epsilon, delta)."""
     if not (epsilon > 0 and 0 < delta < 1 and releases >= 1):
         raise ValueError(f"DP needs epsilon > 0, 0 < delta < 1 and releases >= 1, got {epsilon}, {delta}, {releases}")
+    import dp_accounting
+    from dp_accounting import rdp
+
     z = dp_accounting.calibrate_dp_mechanism(rdp.RdpAccountant, lambda z: _gaussians([z] * releases), epsilon, delta)
     return float(z)
 

@@ -11,12 +11,21 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from fed_app.secagg import client as secagg_client
+from fed_app.secagg import fixed_point
+from fed_app.secagg.rounds import LAYOUT, MESSAGE_TYPE, SETUP, flatten, layout_record
+from fed_app.secagg.server import threshold_for
 from simulations.attacks import (
     Exchange,
+    Observation,
     ServerProxy,
+    count_one_rows,
     count_recovered,
+    decoded_secure_sums,
+    difference_candidates,
     exposure_scan,
     exposure_scan_subspaces,
+    federation_candidates,
     rows_of,
     small_cells,
     trilaterate,
@@ -171,6 +180,120 @@ def test_rows_of_reads_fedvec_replies():
     assert exposure_scan_subspaces(pq, x, 1e-6) == 1
 
 
+# -- differencing and federation-wide small cells --------------------------------------
+
+
+def lloyd_stats(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and counts of one sub-space (M = 1) for a given assignment."""
+    sums = np.zeros((1, k, x.shape[1]))
+    np.add.at(sums[0], assign, x)
+    return sums, np.bincount(assign, minlength=k)[None].astype(np.float64)
+
+
+def obs(clients, sums, counts, model="m", space="e", batch=0, summed=True) -> Observation:
+    return Observation(frozenset(clients), model, (space,), sums, counts, batch, summed)
+
+
+def test_count_one_rows_reads_plus_and_minus_one():
+    sums = np.arange(12, dtype=np.float64).reshape(1, 4, 3)
+    rows = count_one_rows(sums, np.array([[1.0, 1.4, -1.0, 2.0]]))
+    np.testing.assert_array_equal(rows[0], np.stack([sums[0, 0], sums[0, 1], -sums[0, 2]]))
+    assert count_one_rows(sums, np.array([[0.0, 1.6, 5.0, -0.4]]))[0].shape == (0, 3)
+
+
+def test_set_difference_isolates_one_client_and_its_lone_vectors():
+    rng = np.random.default_rng(0)
+    a, b, c = (unit(rng, 30, 4) for _ in range(3))
+    k = 8
+    assign = {name: rng.integers(0, k, x.shape[0]) for name, x in (("a", a), ("b", b), ("c", c))}
+    assign["c"][:] = 0
+    assign["c"][-1] = 5  # C holds one lone vector in cell 5; A and B have theirs too
+    stats = {n: lloyd_stats(x, assign[n], k) for n, x in (("a", a), ("b", b), ("c", c))}
+    total = lambda names: tuple(sum(stats[n][i] for n in names) for i in (0, 1))  # noqa: E731
+    abc, ab = obs({1, 2, 3}, *total("abc")), obs({1, 2}, *total("ab"), batch=1)
+    found = difference_candidates([abc, ab])
+    assert len(found) == 1 and found[0][0] == ("e",)
+    np.testing.assert_allclose(found[0][1][0], c[-1:])  # exactly C's lone sub-vector
+    # another model, another encoder space, or sets that are not nested: nothing to subtract
+    assert difference_candidates([abc, obs({1, 2}, *total("ab"), space="other")]) == []
+    assert difference_candidates([abc, obs({1, 4}, *total("ab"), model="m")]) == []
+    # federation-wide: no cell of A+B+C holds one vector unless C's cell 5 is alone there
+    lone = federation_candidates([abc])
+    for rows in (r for _, per in lone for r in per):
+        assert exposure_scan(rows, np.concatenate([a, b, c]), 1e-9) == rows.shape[0]
+
+
+def test_same_clients_under_other_codebooks_give_away_the_vector_that_moved():
+    rng = np.random.default_rng(1)
+    x = unit(rng, 40, 4)
+    k = 6
+    before = rng.integers(0, k, x.shape[0])
+    after = before.copy()
+    after[7] = (before[7] + 1) % k  # one vector changes cell between the two codebooks
+    s1, s2 = lloyd_stats(x, before, k), lloyd_stats(x, after, k)
+    found = difference_candidates([obs({1, 2}, *s1, model="round 1"), obs({1, 2}, *s2, model="round 2", batch=1)])
+    rows = np.concatenate([r for _, per in found for r in per[:1]])
+    assert rows.shape[0] == 2 and exposure_scan(rows, x, 1e-9) == 1  # + and - of the same vector
+    assert exposure_scan(rows, x[7:8], 1e-9) == 1
+
+
+def test_federation_candidates_add_up_plain_replies_per_request():
+    rng = np.random.default_rng(2)
+    x = unit(rng, 3, 4)
+    k = 4
+    one = obs({1}, *lloyd_stats(x[:2], np.array([0, 0]), k), space="e1", summed=False)
+    two = obs({2}, *lloyd_stats(x[2:], np.array([1]), k), space="e2", summed=False)
+    found = federation_candidates([one, two])  # cell 1 holds x[2] alone, in client 2's space
+    assert [(spaces, [r.shape[0] for r in per]) for spaces, per in found] == [(("e2",), [1])]
+    np.testing.assert_allclose(found[0][1][0][0], x[2])
+    # the same replies as two different requests are two federations: client 1's cell 0 has 2
+    assert [sp for sp, _ in federation_candidates([one, obs({2}, two.sums, two.counts, batch=1, space="e2")])] == [("e2",)]
+    noisy = obs({1, 2}, one.sums + two.sums + rng.normal(0, 3, one.sums.shape), one.counts + two.counts + rng.normal(0, 3, one.counts.shape))
+    assert all(exposure_scan(r, x, 1e-4) == 0 for _, per in federation_candidates([noisy]) for r in per)
+
+
+def secagg_exchanges(inputs: dict[int, dict[str, np.ndarray]], drop_after_mask: tuple[int, ...] = (), session: str = "s1") -> list[Exchange]:
+    """One secure-aggregation session run in memory with fedvec's client functions, as
+    the ServerProxy would have recorded it (setup, share, mask, unmask)."""
+    roster = sorted(inputs)
+    t = threshold_for(len(roster), 0.7)
+    limits = secagg_client.Limits(3, 0.7)
+    sessions, pub, out = {}, {}, []
+    for n in roster:
+        sessions[n], pub[n] = secagg_client.start(session, n)
+        out.append(Exchange("train", n, {}, {"stage": "setup", "session": session}, reply_values={
+            SETUP: {"session": session, **pub[n], "fixed-point-bits": 24}, LAYOUT: dict(layout_record(inputs[n]).items())}, error=None))
+    c_pk, s_pk = [pub[n]["c-pk"] for n in roster], [pub[n]["s-pk"] for n in roster]
+    asked = {"session": session, "stage": "share", "roster": [str(n) for n in roster], "c-pk": c_pk, "s-pk": s_pk, "threshold": t}
+    sent = {u: secagg_client.share_keys(sessions[u], roster, c_pk, s_pk, t, limits) for u in roster}
+    out += [Exchange(MESSAGE_TYPE, u, {}, dict(asked), reply_values={"secagg": {"dst": [str(d) for d in sent[u]]}}, error=None) for u in roster]
+    survivors = [n for n in roster if n not in drop_after_mask]
+    for v in roster:
+        senders = [u for u in roster if u != v]
+        x, _ = fixed_point.encode(flatten(inputs[v]), 24, len(roster))
+        y = secagg_client.mask(sessions[v], senders, [sent[u][v] for u in senders], x)
+        out.append(Exchange(MESSAGE_TYPE, v, {}, {"session": session, "stage": "mask"},
+                            reply_arrays={"masked": {"y": y}} if v in survivors else {}, error=None if v in survivors else "no reply (timeout)"))
+    for u in survivors:
+        shares = secagg_client.unmask(sessions[u], survivors)
+        out.append(Exchange(MESSAGE_TYPE, u, {}, {"session": session, "stage": "unmask"}, reply_values={"secagg": {
+            "peers": [str(p) for p, _, _ in shares], "kinds": [k for _, k, _ in shares], "shares": [b for _, _, b in shares]}}, error=None))
+    return out
+
+
+def test_decoded_secure_sums_rebuild_the_servers_sum_from_the_traffic_alone():
+    rng = np.random.default_rng(3)
+    inputs = {n: {"codebook.pq.sums": rng.normal(size=(2, 3, 4)), "codebook.pq.counts": rng.integers(0, 9, (2, 3)).astype(np.float64),
+                  "clients": np.ones(1)} for n in (11, 22, 33, 44, 55)}
+    [decoded] = decoded_secure_sums(secagg_exchanges(inputs, drop_after_mask=(33,)))  # t = 4 of 5: one may drop
+    assert decoded.clients == {11, 22, 44, 55} and decoded.session == "s1"
+    for key in inputs[11]:
+        np.testing.assert_allclose(decoded.arrays[key], sum(inputs[n][key] for n in decoded.clients), atol=1e-6)
+    assert decoded.arrays["clients"][0] == 4.0
+    # a session that never unmasked gives nothing
+    assert decoded_secure_sums([ex for ex in secagg_exchanges(inputs) if ex.sent_config["stage"] != "unmask"]) == []
+
+
 # -- ServerProxy in a real Flower simulation -------------------------------------------
 
 
@@ -232,6 +355,7 @@ def test_server_proxy_records_and_rewrites_a_real_simulation():
     assert seen["original"] == {"k": 5, "target": -1, "mode.kind": "knn", "fail": False}  # the server's own content: untouched
     assert isinstance(seen["run_id"], int)
     assert len(proxy.exchanges) == 4
+    assert [ex.batch for ex in proxy.exchanges] == [0, 0, 1, 1]  # one send_and_receive, one push
     first, second = proxy.exchanges[:2], proxy.exchanges[2:]
     assert proxy.replies("query") == proxy.replies() == first + [e for e in second if e.error is None]
     assert proxy.replies("train") == []
