@@ -132,10 +132,13 @@ VARIANTS = {  # utility variants: name -> extra overrides
     "on, init.source=public": ["init.source=public"],
 }
 
+SUBVECTOR_ROWS = ("exposure_subvectors", "difference_subvectors", "federation_cells_subvectors")  # counted over N x M
 ATTACK_ROWS = {  # AttackReport.recovered key -> row label
     "trilateration_training": "trilateration of every distance received in training",
     "exposure_subvectors": "exposure scan: encoded sub-vectors among received rows",
     "exposure_full_vectors": "exposure scan: whole encoded vectors among init centroids",
+    "difference_subvectors": "differencing sums across rounds and leave-one-out sums: lone sub-vectors",
+    "federation_cells_subvectors": "federation-wide count-1 cells: sub-vectors",
     "raised_k": f"eval path, raised k={RAISED_K} (trusted protocol asked)",
     "crafted_probes": f"eval path, {NUM_PROBES} crafted probe queries (trusted protocol asked)",
     "search_raised_k": f"search, k={RAISED_K}",
@@ -225,7 +228,7 @@ def attack_table(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
     for key in keys:
         label = ATTACK_ROWS.get(key, key)
-        if key == "exposure_subvectors":
+        if key in SUBVECTOR_ROWS:
             label += " (share of N x M sub-vectors)"
         row = [label]
         for r in cols:
@@ -233,7 +236,7 @@ def attack_table(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 if key not in rep["recovered"]:
                     return "not run"
                 n = rep["recovered"][key]
-                total = rep["num_vectors"] * (_m_of(r) if key == "exposure_subvectors" else 1)
+                total = rep["num_vectors"] * (_m_of(r) if key in SUBVECTOR_ROWS else 1)
                 text = _vectors_cell(n, total)
                 nref = rep["refusals"].get(key, 0)
                 if nref:
