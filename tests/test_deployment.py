@@ -1,19 +1,34 @@
 """A deployed federation end to end, with real processes on loopback (Flower 1.42):
-one flower-superlink, three flower-supernodes each holding its own persisted shard
+one flower-superlink, four flower-supernodes each holding its own persisted shard
 (``--node-config 'shard-dir="..."'``), the real ``flwr`` CLI submitting runs.
 
-1. Three disjoint shards are imported with ``python -m vector_index import`` (PQ 4x6,
+Every run uses the default privacy group (conf/privacy/secure.yaml): secure aggregation
+with double masking and central DP (epsilon 8 over at most 11 releases). The nodes take
+their limits from their own node config over those defaults; they set only
+``dp-clip=8.0`` (the synthetic vectors have norms of 2 to 6.3, which that clip leaves
+whole; the default clip of 1 is meant for L2-normalised data), and the server says the
+same (``privacy.dp_clip=8.0``) so that summary.json reports the clip the nodes applied.
+Four nodes: with the default secagg-threshold=0.7 a roster of 4 needs t=3, so one node
+may drop out of a sum (with 3 nodes t=3 and none may).
+
+1. Four disjoint shards are imported with ``python -m vector_index import`` (PQ 4x6,
    unencoded until a global model arrives).
-2. A training run (2 rounds) writes summary.json and global_model.npz; afterwards every
-   shard has saved a version encoded with the run's global model version.
+2. A training run (2 rounds) writes summary.json and global_model.npz; every round is one
+   secure sum of the 4 nodes' noisy statistics, the private evaluation one more after the
+   last round; final.privacy says secure aggregation and DP were on, with the epsilon
+   spent within the budget. Afterwards every shard has saved a version encoded with the
+   run's global model version.
 3. A search-mode run returns the merged, node-qualified top-k; it equals one faiss
-   index built with the same global model over the union of the three shards (ids
+   index built with the same global model over the union of the four shards (ids
    exactly, distances on the nodes' default 0.001 grid; at tied distances the ids are
    compared as sets), and every hit names the SuperNode that holds its id. A search
    with k above the nodes' default max-k is refused by every SuperNode, by name.
-4. A training run with min_clients=2 where one SuperNode is SIGKILLed once round 1 has
-   begun still finishes; summary.json's missing_nodes and the server log name that node
-   (for the rounds until the SuperLink, missing its heartbeats, stops sampling it).
+4. A training run where one SuperNode is SIGKILLed in the middle of round 1's secure
+   aggregation (after it sent its encrypted key shares, before its masked input) still
+   finishes: the server recovers the dead node's mask key from the survivors' Shamir
+   shares and unmasks the sum of the 3 survivors, and later rounds sum the 3 survivors;
+   summary.json's missing_nodes and the server log name that node (for the rounds until
+   the SuperLink, missing its heartbeats, stops sampling it).
 
 Insecure mode (no TLS): TLS and SuperNode authentication are covered by test_tls_auth.py.
 Every process runs on free ports and is stopped by PID (tests/processes.py), also when
@@ -41,10 +56,19 @@ from processes import Proc, Processes, free_port
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 CONN = "fedvec-deploy-test"
-N_SHARDS, DIM, K = 3, 16, 10
+N_SHARDS, DIM, K = 4, 16, 10
+NODE_DP_CLIP = 8.0  # every SuperNode's own dp-clip (node config); the rest of its limits are the defaults
 TRAIN_OVERRIDES = ("data=synthetic data.num_base=1500 data.num_queries=100 index.m=4 index.nbits=6 "
-                   "init.local_k=64 num_clients=3 eval.centralized=false")
-RUN_TIMEOUT = 420  # seconds for one `flwr run --stream` (2 shared cores in CI)
+                   f"init.local_k=64 num_clients={N_SHARDS} eval.centralized=false privacy.dp_clip={NODE_DP_CLIP}")
+# seconds for one `flwr run --stream`: under secure aggregation a round is 4 messages per node,
+# each a fresh ClientApp process. Measured on 2 cores shared with other jobs (load average
+# 10-20): training run 880 s, fault run 420 s (Flower restarts a ClientApp process that takes
+# over 30 s to start, which a loaded machine makes common)
+RUN_TIMEOUT = 1200
+SECURE_SUM = re.compile(r"round (\d+) (train|evaluate): secure sum of (\d+) client\(s\) \(threshold (\d+) of (\d+)\)")
+# Flower's log of aggregate_train's metrics; "clients" is a secure sum of ones, noise-free even
+# under DP: it decodes to exactly the number of clients summed only if every mask was removed
+SUMMED_CLIENTS = re.compile(r"Aggregated MetricRecord: \{'clients': ([0-9.e+-]+)\}")
 
 VENV_BIN = Path(sys.executable).parent
 SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -75,12 +99,13 @@ class FlwrRun:
     optional callback sees every line (to act at a point of the run)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, run_config: str, on_line=None):
-        self.log_path, self.on_line, self.lines = log_path, on_line, []
+        self.log_path, self.on_line, self.lines, self.env = log_path, on_line, [], env
         self.popen = subprocess.Popen(
             ["flwr", "run", ".", CONN, "--stream", "--run-config", run_config],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.callback_error: BaseException | None = None
+        self.run_id: str | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -88,6 +113,8 @@ class FlwrRun:
         with open(self.log_path, "w") as log:
             for line in self.popen.stdout:
                 self.lines.append(line)
+                if self.run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
+                    self.run_id = m.group(1)
                 log.write(line)
                 log.flush()
                 if self.on_line is not None and self.callback_error is None:
@@ -117,7 +144,8 @@ class FlwrRun:
         return out
 
     def stop(self) -> None:
-        """The CLI only (the run itself lives in the SuperLink, stopped by the fixture)."""
+        """The CLI, and the run it submitted (``flwr stop``: a run left going in the
+        SuperLink would hold up the next test's run); the processes are the fixture's."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -125,6 +153,8 @@ class FlwrRun:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=10)
+            if self.run_id is not None:
+                subprocess.run(["flwr", "stop", self.run_id, CONN], cwd=ROOT, env=self.env, capture_output=True, timeout=60)
 
 
 class Deployment:
@@ -180,7 +210,7 @@ def deployment(tmp_path_factory):
             procs.start(f"supernode-{i + 1}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                 "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f'shard-dir="{sdir}" partition-id={i} num-partitions={N_SHARDS}',
+                "--node-config", f'shard-dir="{sdir}" partition-id={i} num-partitions={N_SHARDS} dp-clip={NODE_DP_CLIP}',
             ])
             for i, sdir in enumerate(shard_dirs)
         ]
@@ -201,6 +231,22 @@ def _summary(out: Path) -> tuple[Path, dict]:
     found = list(out.rglob("summary.json"))
     assert len(found) == 1, f"expected one summary.json under {out}, found {found}"
     return found[0], json.loads(found[0].read_text())
+
+
+def on_grid(ref_d: np.ndarray, fed_d: np.ndarray, grid: float, k: int) -> np.ndarray:
+    """The single index's distances rounded to the nodes' grid. One within a few float32
+    ulps of a midpoint between grid values may round either way: a node's faiss sums the
+    same terms over its own shard and can land 1 ulp away (measured: 7.3675 on the node,
+    7.3675003 in the union index); there the node's rounding counts when it is one of the
+    two."""
+    x = ref_d.astype(np.float64)
+    mid = (np.floor(x / grid) + 0.5) * grid
+    rounded = np.round(x / grid) * grid
+    other = np.where(rounded > mid, mid - grid / 2, mid + grid / 2)
+    near_mid = np.abs(x - mid) <= 4 * np.spacing(np.abs(ref_d).astype(np.float32))
+    take = near_mid[:, :k] & (np.abs(fed_d - other[:, :k]) <= grid / 10)
+    rounded[:, :k] = np.where(take, other[:, :k], rounded[:, :k])
+    return rounded.astype(np.float32)
 
 
 def assert_same_topk(fed_d: np.ndarray, fed_i: np.ndarray, ref_d: np.ndarray, ref_i: np.ndarray, k: int, tol: float = 1e-4) -> int:
@@ -249,15 +295,41 @@ def test_train_deploy_then_search_equals_one_index(deployment):
     summary_path, summary = _summary(out)
     assert str(summary_path) in log, log[-3000:]  # the server prints where it wrote the summary
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    # deployed shards are not the simulator's: the figures are the private estimate, and say so
+    assert [r.get("clients") for r in summary["rounds"][1:]] == [N_SHARDS, N_SHARDS]
+    # deployed shards are not the simulator's: the figures are the private estimate, and say so.
+    # Under DP the private evaluation is one noisy release after the last round, of sums of
+    # distortion, energy and the count: the per-shard recall estimate has no small per-vector
+    # sensitivity and is not released (docs/secure_aggregation.md)
     final = summary["final"]
     assert final["federated"]["source"].startswith("federation's private estimate"), final["federated"]
-    assert 0 < final["federated"]["recall_10_at_10"] <= 1 and "centralized" not in final
+    assert np.isfinite(final["federated"]["relative_distortion"]) and "recall_10_at_10" not in final["federated"]
+    assert "centralized" not in final
+    assert "estimate.distortion" not in summary["rounds"][1] and "estimate.distortion" in summary["rounds"][2]
     assert final["privacy"]["eval_protocol"] == "private"
     assert final["privacy"]["node_limits"]["max-k"] == 100 and final["privacy"]["node_limits"]["min-count"] == 5
-    assert all(p["source"].startswith("node defaults") for p in final["privacy"]["node_limits_by_node"].values())
+    by_node = final["privacy"]["node_limits_by_node"]
+    assert sorted(int(n) for n in by_node) == sorted(dep.node_ids), by_node
+    for p in by_node.values():  # each node's own limits: its node config over conf/privacy/secure.yaml
+        assert p["source"] == "node config (dp-clip)" and p["dp-clip"] == NODE_DP_CLIP, p
+        assert (p["secure-aggregation"], p["dp-epsilon"], p["secagg-threshold"], p["secagg-min-clients"]) == (1, 8.0, 0.7, 3), p
     assert not summary["missing_nodes"], summary["missing_nodes"]
     assert (summary["config"]["num_clients"], summary["config"]["index"]["m"]) == (N_SHARDS, 4)
+
+    # secure aggregation + DP: every round one secure sum of all 4 nodes (t=3 of 4), then the
+    # evaluation; summary.json accounts for exactly those noisy releases
+    privacy = final["privacy"]
+    assert privacy["secure_aggregation"] is True
+    dp = privacy["differential_privacy"]
+    assert dp["on"] is True and 0 < dp["epsilon"] <= dp["epsilon_budget"] == 8.0, dp
+    assert dp["clip_l2"] == NODE_DP_CLIP and dp["max_releases"] == 11, dp
+    assert [(r["round"], r["phase"], r["clients"], r["threshold"]) for r in dp["releases"]] == [
+        (1, "train", N_SHARDS, 3), (2, "train", N_SHARDS, 3), (2, "evaluate", N_SHARDS, 3)], dp["releases"]
+    assert all(r["noise_multiplier"] > 0 for r in dp["releases"]), dp["releases"]
+    sums = [(int(r), phase, int(n), int(t), int(of)) for r, phase, n, t, of in SECURE_SUM.findall(log)]
+    n = N_SHARDS
+    assert sums == [(1, "train", n, 3, n), (2, "train", n, 3, n), (2, "evaluate", n, 3, n)], (sums, log[-3000:])
+    assert [float(c) for c in SUMMED_CLIENTS.findall(log)] == [n, n], log[-3000:]
+    assert "secure aggregation aborted" not in log and "dropped from the secure sum" not in log, log[-3000:]
 
     model_path = summary_path.parent / "global_model.npz"
     assert model_path.is_file(), f"no global_model.npz beside {summary_path}: {sorted(p.name for p in summary_path.parent.iterdir())}"
@@ -298,7 +370,7 @@ def test_train_deploy_then_search_equals_one_index(deployment):
     ref_d, ref_i = index.search(dep.queries, K + 40)
     grid = 0.001  # the nodes' default distance-grid: answers carry rounded compressed distances
     assert np.allclose(fed_d / grid, np.round(fed_d / grid), atol=1e-3), "distances are not on the node's grid"
-    ties = assert_same_topk(fed_d, fed_i, (np.round(ref_d / grid) * grid).astype(np.float32), ref_i, K, tol=grid / 10)
+    ties = assert_same_topk(fed_d, fed_i, on_grid(ref_d, fed_d, grid, K), ref_i, K, tol=grid / 10)
 
     # every hit is qualified by the SuperNode that holds its id (ids are disjoint)
     owner = np.empty(dep.base.shape[0], dtype=np.int64)
@@ -330,27 +402,52 @@ def test_supernodes_refuse_k_above_their_limit(deployment):
 
 
 def test_supernode_killed_mid_training_is_reported_missing(deployment):
+    """One SuperNode is SIGKILLed in the middle of round 1's secure aggregation, right after
+    it sent its encrypted key shares (so the survivors' masks cover it) and before it sent
+    its masked input: the server must rebuild its pairwise masks from its mask key, which
+    it recovers from the survivors' Shamir shares (t=3 of a roster of 4)."""
     dep = deployment
     victim = dep.nodes[-1]
     victim_id = dep.node_ids[-1]
     assert victim.running(), dep.logs()
-    killed = threading.Event()
-    begun = re.compile(r"\[ROUND 1\b|\[fedvec\] round 1\b")
+    offset = victim.log_path.stat().st_size  # the fixture's SuperNodes served the earlier tests' runs
+    killed, done, errors = threading.Event(), threading.Event(), []
 
-    def kill_at_round_1(line: str) -> None:
-        if not killed.is_set() and begun.search(line):
-            victim.kill()  # SIGKILL, by the PID we started; its children are stopped at teardown
-            killed.set()
+    def kill_after_sharing() -> None:
+        """Round 1 is this run's first secure sum (under DP nothing is evaluated before it),
+        and a node's first query.secagg reply is its key shares (stage "share")."""
+        try:
+            while not done.is_set():
+                with open(victim.log_path, "rb") as f:
+                    f.seek(offset)
+                    text = f.read()
+                at = text.find(b"Sending: query.secagg message")
+                if at >= 0 and b"Sent successfully" in text[at:]:
+                    victim.kill()  # SIGKILL, by the PID we started; its children are stopped at teardown
+                    killed.set()
+                    return
+                time.sleep(0.05)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
 
+    watcher = threading.Thread(target=kill_after_sharing, daemon=True)
+    watcher.start()
     out = dep.root / "faults"
     t0 = time.monotonic()
-    # timeout_s=40: the init must not time out on a loaded machine (a fresh ClientApp process per
-    # message imports torch and faiss); each round the dead node is still sampled waits it out
-    overrides = f"{TRAIN_OVERRIDES} num_rounds=3 min_clients=2 timeout_s=40 eval.every=3"
-    run = dep.flwr_run("faults", f'overrides="{overrides}" output-dir="{out}"', on_line=kill_at_round_1)
-    log = run.wait(RUN_TIMEOUT)
+    # the default timeout_s (600) costs nothing here: once the dead node's heartbeats lapse
+    # (2 x 30 s) the SuperLink answers for it with "Node Unavailable" and stops sampling it,
+    # while a long timeout keeps a live node slow to start (a loaded machine) in the sums
+    overrides = f"{TRAIN_OVERRIDES} num_rounds=3 min_clients=3"
+    run = dep.flwr_run("faults", f'overrides="{overrides}" output-dir="{out}"')
+    try:
+        log = run.wait(RUN_TIMEOUT)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
     elapsed = time.monotonic() - t0
-    assert killed.is_set(), f"the run never reported round 1 (no '[ROUND 1' line):\n{log[-3000:]}"
+    if errors:
+        raise errors[0]
+    assert killed.is_set(), f"the victim never sent its key shares in this run:\n{victim.tail()}\n{log[-3000:]}"
     assert not victim.running()
 
     _, summary = _summary(out)
@@ -358,10 +455,22 @@ def test_supernode_killed_mid_training_is_reported_missing(deployment):
     missing = {int(r): ids for r, ids in summary["missing_nodes"].items()}
     assert missing, f"summary.json records no missing node: {summary['missing_nodes']}"
     assert all(ids == [victim_id] for ids in missing.values()), (missing, victim_id)
-    # dead from round 1 on: missing until the SuperLink stops sampling it (no heartbeat
-    # for 2 x its interval marks it offline), so at least in the round it died in or the
-    # next (which one depends on how long a round waits: timeout_s)
-    assert (1 in missing or 2 in missing) and set(missing) <= {1, 2, 3}, missing
-    assert summary["rounds"][-1]["clients"] == N_SHARDS - 1
+    # dead from round 1 on: missing in that round, and until the SuperLink stops sampling it
+    # (no heartbeat for 2 x its interval marks it offline)
+    assert 1 in missing and set(missing) <= {1, 2, 3}, missing
+    assert [r["clients"] for r in summary["rounds"][1:]] == [N_SHARDS - 1] * 3, summary["rounds"]
     assert re.search(rf"no usable reply from node\(s\) \[{victim_id}\]", log), log[-3000:]
+
+    # round 1: the victim joined the roster of 4, was dropped at the mask stage, and the sum
+    # of the 3 survivors was still unmasked (their count of clients decodes to exactly 3);
+    # every later sum is of the 3 survivors
+    assert re.search(rf"round 1 train: secure sum of {N_SHARDS - 1} client\(s\) \(threshold 3 of {N_SHARDS}\); "
+                     rf"dropped \[{victim_id}\]", log), log[-3000:]
+    assert re.search(rf"round 1: dropped from the secure sum: node {victim_id}: mask: ", log), log[-3000:]
+    sums = [(int(r), phase, int(n)) for r, phase, n, _, _ in SECURE_SUM.findall(log)]
+    assert sums == [(1, "train", 3), (2, "train", 3), (3, "train", 3), (3, "evaluate", 3)], (sums, log[-3000:])
+    assert [float(c) for c in SUMMED_CLIENTS.findall(log)] == [N_SHARDS - 1] * 3, log[-3000:]
+    assert "secure aggregation aborted" not in log, log[-3000:]
+    dp = summary["final"]["privacy"]["differential_privacy"]
+    assert [r["clients"] for r in dp["releases"]] == [N_SHARDS - 1] * 4 and dp["epsilon"] <= dp["epsilon_budget"], dp
     print(f"\nfault run {elapsed:.0f}s; missing nodes per round {missing}")

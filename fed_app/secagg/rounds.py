@@ -81,8 +81,12 @@ def _stage(grid: Grid, session: str, stage: str, payload: dict[int, RecordDict],
         content["secagg"]["session"], content["secagg"]["stage"] = session, stage
         msgs.append(Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node))
     replies = {}
-    for r in grid.send_and_receive(msgs, timeout=timeout):
-        node = r.metadata.src_node_id
+    received = grid.send_and_receive(msgs, timeout=timeout)
+    # the SuperLink's own error replies (e.g. "Node Unavailable" for a node that stopped
+    # sending heartbeats) come from node 1: attribute every reply by the message it answers
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+    for r in received:
+        node = dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
         if r.has_error():
             out.dropped[node] = f"{stage}: {r.error.reason}"
         elif "refusal" in r.content.config_records:
