@@ -367,7 +367,9 @@ def test_train_deploy_then_search_equals_one_index(deployment):
     union_ids = np.concatenate(dep.shard_ids)
     index = with_transform(empty_index(IndexSpec("pq", m=4, nbits=6), DIM, {"pq": books}), a, b)
     index.add_with_ids(np.ascontiguousarray(dep.base[union_ids]), union_ids)
-    ref_d, ref_i = index.search(dep.queries, K + 40)
+    # the whole union, ranked: under DP noise on 1,500 vectors many share a code, and a tie
+    # group at the k-th distance measured longer than 40 (no cut-off can be too short now)
+    ref_d, ref_i = index.search(dep.queries, index.ntotal)
     grid = 0.001  # the nodes' default distance-grid: answers carry rounded compressed distances
     assert np.allclose(fed_d / grid, np.round(fed_d / grid), atol=1e-3), "distances are not on the node's grid"
     ties = assert_same_topk(fed_d, fed_i, on_grid(ref_d, fed_d, grid, K), ref_i, K, tol=grid / 10)
