@@ -43,7 +43,12 @@ def _vectors(cfg: dict, context: Context):
     return client_shard(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
 
 
-def _unpack(msg: Message, context: Context):
+def _unpack(msg: Message, context: Context, pol: ClientPolicy):
+    """The config, the global model (refused unless it passes this node's own model
+    checks) and this shard's vectors and ids."""
+    from .client_tasks import index_spec
+    from .model_guard import check_model, max_norm
+
     cfg = received_config(msg.content["config"])
     arrays = {k: v for name in ("arrays", "codebooks") if name in msg.content for k, v in msg.content[name].items()}
     state = GlobalState.from_record(ArrayRecord(arrays))
@@ -51,6 +56,10 @@ def _unpack(msg: Message, context: Context):
     dim = next(iter(state.encoder.values())).shape[-1]
     if x.shape[1] != dim:
         raise VectorError(f"this shard holds {x.shape[1]}-d vectors but the federation trains on {dim}-d vectors")
+    try:
+        check_model(state, index_spec(cfg), x.shape[1], max_norm(x), pol.model_bounds)
+    except VectorError as e:
+        raise Refusal("model", f"the model the server sent is refused: {e}") from None
     return cfg, state, x, ids
 
 
@@ -141,10 +150,11 @@ def withheld_reply(msg: Message, why: Withheld) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
+def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None) -> ClientApp:
     """The ClientApp. ``policy`` given: the simulator's clients hold these limits; else
-    every message reads them from the SuperNode's node config."""
-    app = ClientApp()
+    every message reads them from the SuperNode's node config. ``mods``: Flower client
+    mods around every handler (the fault tests' hostile clients)."""
+    app = ClientApp(mods=mods or [])
 
     def limits(context: Context) -> ClientPolicy:
         return policy if policy is not None else ClientPolicy.from_node_config(dict(context.node_config))
@@ -170,7 +180,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
             )
         from . import client_tasks
 
-        cfg, state, x, _ = _unpack(msg, context)
+        cfg, state, x, _ = _unpack(msg, context, pol)
         out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg, pol)
         content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": pol.round_examples(x.shape[0])})})
         return Message(content=content, reply_to=msg)
@@ -181,7 +191,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
         from . import client_tasks, secure_statistics
 
         secure = _secure_only(msg, pol)
-        cfg, state, x, _ = _unpack(msg, context)
+        cfg, state, x, _ = _unpack(msg, context, pol)
         if secure:
             return secure_setup(msg, context, pol, *secure_statistics.train_statistics(state, x, cfg, pol))
         weights, update, metrics = client_tasks.train(state, x, cfg, pol)
@@ -194,7 +204,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
         """After the last round: re-encode this shard with the global model and save it."""
         from . import shard_store
 
-        cfg, state, x, ids = _unpack(msg, context)
+        cfg, state, x, ids = _unpack(msg, context, pol)
         path = shard_store.shard_path(context.node_config, cfg)
         if path is None:
             raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
@@ -209,7 +219,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
         from . import client_tasks, secure_statistics
 
         secure = _secure_only(msg, pol)
-        cfg, state, x, ids = _unpack(msg, context)
+        cfg, state, x, ids = _unpack(msg, context, pol)
         if secure:
             return secure_setup(msg, context, pol, *secure_statistics.evaluate_statistics(state, x, ids, cfg, pol))
         metrics = client_tasks.evaluate(state, x, ids, cfg, pol)
@@ -251,7 +261,7 @@ def make_client_app(policy: ClientPolicy | None = None) -> ClientApp:
         k = int(cfg["eval"]["k"])
         pol.check_k(k)
         _spend(context, pol, queries.shape[0])
-        cfg, state, x, ids = _unpack(msg, context)
+        cfg, state, x, ids = _unpack(msg, context, pol)
         out = client_tasks.search(state, x, ids, queries, k, cfg)
         return Message(content=RecordDict({"results": record_of(out)}), reply_to=msg)
 

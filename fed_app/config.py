@@ -78,6 +78,7 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     need(t["batch_size"] >= 2, "train.batch_size", "must be >= 2 (the task loss uses pairs)")
     need(t["lr"] > 0, "train.lr", "must be > 0")
     need(t["lam"] >= 0 and t["gamma"] >= 0, "train.lam/train.gamma", "loss weights must be >= 0")
+    need(t["procrustes_step"] > 0, "train.procrustes_step", f"must be > 0 (1: the plain Procrustes step), got {t['procrustes_step']}")
     ev = cfg["eval"]
     need(ev["k"] >= 10, "eval.k", "must be >= 10 to report 10-recall@10")
     need(ev["protocol"] in EVAL_PROTOCOLS, "eval.protocol", f"{ev['protocol']!r} is not one of {', '.join(EVAL_PROTOCOLS)}")

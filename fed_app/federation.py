@@ -20,6 +20,7 @@ from flwr.supercore import log
 from hydra.utils import instantiate
 
 from vector_index.datasets import Dataset, load_npy_file
+from vector_index.model_checks import ModelBounds
 from vector_index.quantizers import IndexSpec, train_reference_index
 from vector_index.topk import recall_report
 
@@ -32,7 +33,9 @@ from .local_data import load_dataset
 from .privacy.report import privacy_summary
 from .settings import client_config
 from .simulator_truth import exact_neighbours, true_metrics
-from .strategy import SecureSettings
+from .model_guard import max_norm
+from .reply_checks import InvalidReply, init_reply
+from .strategy import ModelChecks, SecureSettings
 from .state import GlobalState, arrays_of, record_nbytes
 from .summary import final_table, write_summary
 
@@ -49,7 +52,9 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     return nodes
 
 
-def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float, withheld: dict[int, str]) -> int:
+def initialise_codebooks(
+    grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float, withheld: dict[int, str], checks: ModelChecks, rejected: list[dict]
+) -> int:
     """One-shot init: clients send local centroids supported by >= min-count vectors,
     with rounded counts; the server clusters them, weighted (k-FED style).
 
@@ -65,8 +70,18 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
         replies = [r for r in grid.send_and_receive([Message(content=content, message_type="train.init", dst_node_id=n) for n in nodes], timeout=timeout)]
         # replies arrive in any order; sort them by content so the server's k-means
         # sees the same input every run (a seed alone does not make it reproducible)
-        ok = sorted((r for r in replies if not r.has_error() and "init" in r.content.array_records),
-                    key=lambda r: hashlib.sha1(r.content["init"]["centroids"].numpy().tobytes()).hexdigest())
+        coarse = float(np.linalg.norm(state.codebooks["coarse"], axis=-1).max()) if "coarse" in state.codebooks else 0.0
+        valid = {}
+        for r in replies:
+            if r.has_error() or "withheld" in r.content.config_records or "refusal" in r.content.config_records:
+                continue
+            try:
+                valid[r.metadata.message_id] = init_reply(r.content, spec.level_shape(level, _dim(state)), checks.data_norm, coarse, level, checks.bounds)
+            except InvalidReply as e:
+                rejected.append({"round": 0, "phase": f"init {level}", "node": r.metadata.src_node_id, "reason": str(e)})
+                log(WARNING, "init %s: reply of node %d rejected: %s", level, r.metadata.src_node_id, e)
+        ok = sorted((r for r in replies if r.metadata.message_id in valid),
+                    key=lambda r: hashlib.sha1(valid[r.metadata.message_id][0].tobytes()).hexdigest())
         for r in replies:
             if r.has_error():
                 log(INFO, "init: node %d failed: %s", r.metadata.src_node_id, r.error.reason)
@@ -81,8 +96,8 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
                 "the log names each node's reason"
             )
         m, k, _ = spec.level_shape(level, _dim(state))
-        cents = [r.content["init"]["centroids"].numpy() for r in ok]
-        counts = [r.content["init"]["counts"].numpy() for r in ok]
+        cents = [valid[r.metadata.message_id][0] for r in ok]
+        counts = [valid[r.metadata.message_id][1] for r in ok]
         supported = int(min((c > 0).sum(axis=1).min() for c in counts) if counts else 0)
         total = int(sum((c > 0).sum(axis=1).min() for c in counts))
         if total < k:
@@ -97,11 +112,17 @@ def initialise_codebooks(grid: Grid, state: GlobalState, spec: IndexSpec, cfg: d
     return int(np.mean(nbytes)) if nbytes else 0
 
 
+def load_public_vectors(cfg: dict[str, Any], data: Dataset) -> np.ndarray:
+    """The server's own vectors: ``init.public_path``, else the public (held-out) queries."""
+    path = cfg["init"].get("public_path")
+    return load_npy_file(str(path), name="init.public_path") if path else data.queries
+
+
 def public_init(state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], data: Dataset) -> int:
     """Init from public vectors (``init.public_path``, else the public queries): faiss
     k-means on the server, nothing asked of any client. Returns the vectors used."""
     path = cfg["init"].get("public_path")
-    public = load_npy_file(str(path), name="init.public_path") if path else data.queries
+    public = load_public_vectors(cfg, data)
     if public.shape[1] != _dim(state):
         raise ValueError(f"init.public_path: {public.shape[1]}-d vectors but the federation trains on {_dim(state)}-d vectors")
     most = max(spec.level_shape(level, _dim(state))[1] for level in spec.levels)
@@ -260,11 +281,18 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     state = GlobalState(encoder=initial_weights(data.base.shape[1], str(cfg["model"]["kind"])))
     local = cfg["strategy"]["flower"]["codebook_update"] == "local"
     init_withheld: dict[int, str] = {}
+    p = cfg["privacy"]
+    checks = ModelChecks(
+        spec=spec, dim=data.base.shape[1], data_norm=max_norm(load_public_vectors(cfg, data)),
+        bounds=ModelBounds(float(p["model_max_gain"]), float(p["model_orthogonal_tol"]), float(p["model_norm_slack"])),
+        examples_digits=int(p["examples_digits"]), min_count=int(p["min_count"]),
+    )
+    init_rejected: list[dict] = []
     init_bytes, public_vectors = 0, 0
     if not local and cfg["init"]["source"] == "public":
         public_vectors = public_init(state, spec, cfg, data)
     elif not local:
-        init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld)
+        init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld, checks, init_rejected)
 
     strategy = instantiate(
         cfg["strategy"]["flower"],
@@ -276,11 +304,13 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         min_replies=int(cfg["min_clients"]),
         seed=int(cfg["seed"]),
     )
-    if cfg["privacy"]["secure_aggregation"]:
-        p = cfg["privacy"]
+    strategy.use_model_checks(checks)
+    strategy.rejected.extend(init_rejected)
+    if p["secure_aggregation"]:
         strategy.use_secure_aggregation(SecureSettings(
             threshold=float(p["secagg_threshold"]), min_clients=max(int(p["secagg_min_clients"]), int(cfg["min_clients"])),
             dp=float(p["dp_epsilon"]) > 0, empty_sigmas=float(p["dp_empty_sigmas"]), num_rounds=int(cfg["num_rounds"]), timeout=timeout,
+            procrustes_step=float(cfg["train"]["procrustes_step"]),
         ))
     elif cfg["privacy"]["name"] in ("trusted", "off"):
         log(WARNING, "privacy=%s: every client's statistics reach the server unmasked (research simulation only; "
@@ -329,6 +359,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         "global_model": str(model_path),
         "deployed": deployed,
         "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},
+        "rejected_nodes": strategy.rejected,
+        "rejected_models": {str(r): why for r, why in strategy.rejected_models.items()},
         "model_bytes": int(sum(a.nbytes for a in arrays_of(result.arrays).values())) if result.arrays else 0,
     }
     path = write_summary(out_dir, summary)

@@ -8,9 +8,9 @@ FedAdam step then runs on the average), n_k * centroids for the averaging baseli
 With DP (``privacy=secure``) each array has an L2 sensitivity to one vector:
 
 - Lloyd sums of vectors clipped to norm C: C; counts: sqrt(M) (one cell per sub-space);
-- the rotation encoder moves by federated Procrustes (one OPQ step): the client sends
-  sum_i q_i x_i^T with q_i, x_i clipped to C (sensitivity C^2) and the server takes the
-  orthogonal polar factor. A gradient-trained encoder update has no per-vector bound
+- the rotation encoder moves by federated Procrustes (an over-relaxed OPQ step): the
+  client sends sum_i q_i x_i^T with q_i, x_i clipped to C (sensitivity C^2) and the
+  server takes the orthogonal polar factor. A gradient-trained encoder update has no per-vector bound
   short of its whole clip, and DP-FedAvg noise on it at 10-50 clients swamps it;
 - evaluation: sums of distortion and energy clipped to C^2, and the count of vectors.
 """
@@ -103,6 +103,18 @@ def procrustes(cross: np.ndarray) -> np.ndarray:
     """The rotation R maximising tr(R^T sum q x^T): argmin sum ||R x - q||^2 (OPQ's step)."""
     u, _, vt = np.linalg.svd(cross.astype(np.float64))
     return (u @ vt).astype(np.float32)
+
+
+def relaxed_procrustes(cross: np.ndarray, current: np.ndarray, step: float) -> np.ndarray:
+    """An over-relaxed Procrustes step: the rotation nearest ``R + step (P - R)``, P the
+    Procrustes solution. One exact step per round moves R only a little from where the
+    assignments were made (q is close to R x), and ten of them stay near PQ; stepping
+    past P (step 4, measured on GloVe) recovers much of what more OPQ iterations would."""
+    p = procrustes(cross).astype(np.float64)
+    if step == 1.0:
+        return p.astype(np.float32)
+    r = current.astype(np.float64)
+    return procrustes(r + step * (p - r))
 
 
 def rotation_weights(encoder: dict[str, np.ndarray], rotation: np.ndarray) -> dict[str, np.ndarray]:

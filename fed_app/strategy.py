@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -27,10 +27,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from flwr.supercore import log
 
+from vector_index.model_checks import ModelBounds
+from vector_index.quantizers import IndexSpec
+from vector_index.validation import VectorError
+
 from . import lloyd
+from .encoder import affine_of
+from .model_guard import check_model
+from .reply_checks import Expected, InvalidReply, evaluate_reply, train_reply
 from .secagg.rounds import SETUP, new_session, secure_sum, setup_record
-from .secure_statistics import LOSS_KEYS, evaluate_metrics, procrustes, rotation_weights
-from .state import CODEBOOK, ENCODER, arrays_of, encoder_record, record_nbytes, record_of
+from .secure_statistics import LOSS_KEYS, evaluate_metrics, relaxed_procrustes, rotation_weights
+from .state import CODEBOOK, ENCODER, GlobalState, arrays_of, encoder_record, record_nbytes, record_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,19 @@ class SecureSettings:
     empty_sigmas: float  # a noisy count below this many noise stds leaves its centroid in place
     num_rounds: int
     timeout: float
+    procrustes_step: float = 1.0  # under DP: R <- polar(R + step (P - R)), P the Procrustes rotation
+
+@dataclass(frozen=True)
+class ModelChecks:
+    """What the server checks every reply and every aggregated model against."""
+
+    spec: IndexSpec
+    dim: int
+    data_norm: float  # bound on a raw vector's norm: the public (or init) vectors'
+    bounds: ModelBounds
+    examples_digits: int
+    min_count: int
+
 
 MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
 EMPTY_POLICIES = ("auto", "split", "keep")
@@ -89,6 +109,41 @@ class CodebookMixin:
         self._sessions: dict[tuple[int, str], str] = {}
         self._encoder: dict[str, np.ndarray] = {}
         self._noise_std: dict[str, float] = {}  # total noise std per summed array, last noisy sum
+        self.checks: ModelChecks | None = None
+        self._sent_model: dict[str, np.ndarray] = {}  # the global model of this round's train / evaluate messages
+        self._evaluated_model: dict[str, np.ndarray] = {}
+        self.rejected: list[dict] = []  # replies dropped as invalid: round, phase, node, reason
+        self.rejected_models: dict[int, str] = {}  # round -> why its aggregate was not applied
+
+    def use_model_checks(self, checks: ModelChecks) -> None:
+        self.checks = checks
+
+    def _expected(self, model: dict[str, np.ndarray]) -> Expected:
+        """What replies about ``model`` (the arrays sent, prefixed) must look like."""
+        assert self.checks is not None
+        c = self.checks
+        encoder = {k[len(ENCODER):]: v for k, v in model.items() if k.startswith(ENCODER)}
+        books = {k[len(CODEBOOK):]: v for k, v in model.items() if k.startswith(CODEBOOK)}
+        return Expected(c.spec, c.dim, encoder, books, self.codebook_update, c.data_norm, c.bounds, c.examples_digits, c.min_count)
+
+    def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
+        node = msg.metadata.src_node_id
+        self.rejected.append({"round": server_round, "phase": phase, "node": node, "reason": reason})
+        log(WARNING, "round %d: %s reply of node %d rejected: %s", server_round, phase, node, reason)
+
+    def _accept_model(self, server_round: int, record: ArrayRecord) -> ArrayRecord | None:
+        """The aggregate as the next global model, or None (model unchanged) if it fails
+        the model checks: a bad model is never applied, saved or deployed."""
+        if self.checks is None:
+            return record
+        state = GlobalState.from_record(record)
+        try:
+            check_model(state, self.checks.spec, self.checks.dim, self.checks.data_norm, self.checks.bounds)
+        except VectorError as e:
+            self.rejected_models[server_round] = str(e)
+            log(ERROR, "round %d: the aggregated model fails its checks (%s); global model unchanged", server_round, e)
+            return None
+        return record
 
     def use_secure_aggregation(self, settings: SecureSettings) -> None:
         self.secure = settings
@@ -134,6 +189,7 @@ class CodebookMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Let the base strategy see the encoder only; ship codebooks beside it."""
         everything = arrays_of(arrays)
+        self._sent_model = everything
         self._codebooks = {k: v for k, v in everything.items() if k.startswith(CODEBOOK)}
         encoder = record_of({k: v for k, v in everything.items() if k.startswith(ENCODER)})
         self._encoder = {k[len(ENCODER):]: v for k, v in arrays_of(encoder).items()}
@@ -150,6 +206,7 @@ class CodebookMixin:
         """Under DP the private evaluation is one noisy release, after the last round only."""
         if self.secure is not None and self.secure.dp and server_round != self.secure.num_rounds:
             return []
+        self._evaluated_model = arrays_of(arrays)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.secure is not None:
             self._open_sessions(messages, server_round, "evaluate", grid)
@@ -181,12 +238,24 @@ class CodebookMixin:
         replies = self._drop_withheld(server_round, replies)
         if self.secure is not None:
             return self._aggregate_secure_train(server_round, replies, answered)
+        valid = []
         for msg in replies:
             if msg.has_error():
                 continue
+            if self.checks is not None:
+                try:
+                    update, n = train_reply(msg.content, self._expected(self._sent_model))
+                except InvalidReply as e:
+                    self._reject(server_round, "train", msg, str(e))
+                    answered.discard(msg.metadata.src_node_id)
+                    continue
+            else:
+                update, n = arrays_of(msg.content["codebook-update"]), float(next(iter(msg.content.metric_records.values()))["num-examples"])
             nbytes.append(sum(record_nbytes(r) for r in msg.content.array_records.values()))
-            updates.append(arrays_of(msg.content.array_records.pop("codebook-update")))
-            weights.append(float(next(iter(msg.content.metric_records.values()))["num-examples"]))
+            msg.content.array_records.pop("codebook-update", None)
+            updates.append(update)
+            weights.append(n)
+            valid.append(msg)
         sent = self._sent.get(server_round, [])
         self.missing[server_round] = [n for n in sent if n not in answered]
         if self.missing[server_round]:
@@ -194,11 +263,11 @@ class CodebookMixin:
                 WARNING, "round %d: no usable reply from node(s) %s (died, failed or timed out); aggregating %d of %d",
                 server_round, self.missing[server_round], len(answered), len(sent),
             )
-        if len(answered) < self.min_replies or not updates:
+        if len(answered) < self.min_replies or not valid:
             log(WARNING, "round %d: %d replies < min_clients=%d, global model unchanged", server_round, len(answered), self.min_replies)
             self.round_log[server_round] = {"clients": float(len(answered)), "clients_missing": float(len(self.missing[server_round]))}
             return None, None
-        encoder, metrics = super().aggregate_train(server_round, [m for m in replies if not m.has_error()])
+        encoder, metrics = super().aggregate_train(server_round, valid)
         if encoder is None:
             log(WARNING, "round %d: no usable replies, global model unchanged", server_round)
             return None, metrics
@@ -214,7 +283,7 @@ class CodebookMixin:
             log(INFO, "round %d: %d centroids with no released vector %s", server_round, n_empty, how)
         out = arrays_of(encoder)
         out.update(books)
-        return record_of(out), metrics
+        return self._accept_model(server_round, record_of(out)), metrics
 
     def _aggregate_secure_train(self, server_round: int, replies: list[Message], answered: set[int]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The round from one secure sum: the codebook step on the summed statistics, the
@@ -239,7 +308,8 @@ class CodebookMixin:
         metrics = MetricRecord({"clients": float(total["clients"][0])})
         if "encoder.cross" in total:
             if server_round < self.secure.num_rounds:  # the last codebook step was taken with this rotation: keep it
-                out = rotation_weights(self._encoder, procrustes(total["encoder.cross"]))
+                current = affine_of(self._encoder)[0]
+                out = rotation_weights(self._encoder, relaxed_procrustes(total["encoder.cross"], current, self.secure.procrustes_step))
         elif any(k.startswith(ENCODER) for k in total):
             n = float(total["examples"][0])
             avg = {k[len(ENCODER):]: (v / n).astype(self._encoder[k[len(ENCODER):]].dtype) for k, v in total.items() if k.startswith(ENCODER)}
@@ -249,7 +319,7 @@ class CodebookMixin:
             metrics = MetricRecord({"num-examples": n, **{k: float(total[f"loss.{k}"][0]) / n for k in LOSS_KEYS if f"loss.{k}" in total}})
         merged = {ENCODER + k: v for k, v in out.items()}
         merged.update(books)
-        return record_of(merged), metrics
+        return self._accept_model(server_round, record_of(merged)), metrics
 
     def _merge_summed_codebooks(self, total: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], int]:
         out, n_empty = {}, 0
@@ -304,6 +374,15 @@ class CodebookMixin:
             result = self._secure_sum(server_round, "evaluate", ok)
             self.latest_evaluate = MetricRecord(evaluate_metrics(result.arrays)) if result.arrays is not None else None
             return self.latest_evaluate
+        if self.checks is not None:
+            good = []
+            for msg in ok:
+                try:
+                    evaluate_reply(msg.content, self._expected(self._evaluated_model))
+                    good.append(msg)
+                except InvalidReply as e:
+                    self._reject(server_round, "evaluate", msg, str(e))
+            ok = replies = good
         self.latest_evaluate = super().aggregate_evaluate(server_round, replies) if ok else None
         if self.latest_evaluate is None:
             return None

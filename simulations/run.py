@@ -34,10 +34,11 @@ from fed_app.privacy.policy import ClientPolicy
 from fed_app.server_app import make_server_app
 
 
-def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None) -> Path:
+def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, client_mods: list | None = None) -> Path:
     """Run the ServerApp and ClientApps in this process; returns summary.json's path.
 
-    ``server_app``: another ServerApp over the same config (the attack suite's server).
+    ``server_app``: another ServerApp over the same config (the attack suite's server);
+    ``client_mods``: Flower mods wrapped around every ClientApp (hostile clients).
     """
     logging.getLogger("flwr").propagate = False  # Hydra's root handler would print twice
     data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
@@ -46,7 +47,7 @@ def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None) -> P
         server_app=server_app or make_server_app(cfg, out_dir),
         # the simulated clients hold the experiment's privacy group themselves: no
         # message can loosen it (a deployed SuperNode reads its own node config)
-        client_app=make_client_app(ClientPolicy.for_simulation(cfg)),
+        client_app=make_client_app(ClientPolicy.for_simulation(cfg), client_mods),
         num_supernodes=int(cfg["num_clients"]),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"logging_level": "ERROR", "log_to_driver": True}},
     )

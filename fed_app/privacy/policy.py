@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from vector_index.model_checks import ModelBounds
+
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "privacy" / "secure.yaml"
 BUDGET_RECORD = "privacy-budget"  # Context.state record: queries answered so far in this run
 RELEASES_RECORD = "dp-releases"  # Context.state record: noisy sums taken part in so far in this run
-FLOAT_FIELDS = ("distance_grid", "secagg_threshold", "dp_epsilon", "dp_delta", "dp_clip")
+FLOAT_FIELDS = ("distance_grid", "secagg_threshold", "dp_epsilon", "dp_delta", "dp_clip", "model_max_gain", "model_orthogonal_tol", "model_norm_slack")
 
 
 class Refusal(Exception):
@@ -41,6 +43,9 @@ class ClientPolicy:
     query_budget: int
     distance_grid: float
     examples_digits: int
+    model_max_gain: float = 100.0
+    model_orthogonal_tol: float = 1e-3
+    model_norm_slack: float = 4.0
     secure_aggregation: bool = True
     secagg_min_clients: int = 3
     secagg_threshold: float = 0.7
@@ -70,6 +75,9 @@ class ClientPolicy:
             "dp_epsilon": (lambda v: v >= 0, "a number >= 0 (0: no noise)"),
             "dp_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
             "dp_clip": (lambda v: v > 0, "a number > 0"),
+            "model_max_gain": (lambda v: v >= 1, "a number >= 1"),
+            "model_orthogonal_tol": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+            "model_norm_slack": (lambda v: v >= 1, "a number >= 1"),
         }
         for name, (ok, what) in checks.items():
             v = getattr(self, name)
@@ -77,6 +85,10 @@ class ClientPolicy:
                 raise ValueError(f"{self._key(name)}: must be {what}, got {v!r} (from {self.source})")
         if self.dp_epsilon > 0 and not self.secure_aggregation:
             raise ValueError(f"{self._key('dp_epsilon')}: distributed DP noise needs secure aggregation (each client adds only a share of it)")
+
+    @property
+    def model_bounds(self) -> ModelBounds:
+        return ModelBounds(float(self.model_max_gain), float(self.model_orthogonal_tol), float(self.model_norm_slack))
 
     @property
     def dp(self) -> bool:

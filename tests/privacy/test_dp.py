@@ -9,11 +9,13 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+import scipy.linalg
 from dp_accounting import pld, rdp
 
 from fed_app.config import ConfigError, compose_config, validate
 from fed_app.privacy import dp
 from fed_app.privacy.policy import ClientPolicy, Refusal
+from fed_app.secure_statistics import relaxed_procrustes
 
 
 @pytest.mark.parametrize("z, releases", [(2.29, 11), (0.9, 3), (5.0, 40)])
@@ -103,6 +105,7 @@ def test_a_supernode_with_a_shard_refuses_the_trusted_protocol():
         (["model=affine"], r"^model: under DP the encoder moves by federated Procrustes"),
         (["num_rounds=11"], r"^num_rounds: 11 rounds \+ the final evaluation are 12 noisy releases"),
         (["num_clients=2"], r"^num_clients: 2 clients are fewer than privacy\.secagg_min_clients=3"),
+        (["train.procrustes_step=0"], r"^train\.procrustes_step: must be > 0"),
     ],
 )
 def test_config_refuses_what_secure_aggregation_or_dp_cannot_do(overrides, match):
@@ -114,3 +117,18 @@ def test_config_refuses_what_secure_aggregation_or_dp_cannot_do(overrides, match
 def test_secagg_and_trusted_allow_what_dp_refuses():
     validate(compose_config(["privacy=secagg", "strategy=avg_refined"]), 50, 100_000)
     validate(compose_config(["privacy=trusted", "init.source=clients", "model=affine"]), 50, 100_000)
+
+
+def test_relaxed_procrustes_is_a_rotation_with_the_planted_rotation_as_fixed_point():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8))
+    planted = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    cross = (x @ planted.T).T @ x  # sum_i q_i x_i^T with q_i = R* x_i
+    assert np.allclose(relaxed_procrustes(cross, np.eye(8), 1.0), planted, atol=1e-5)  # the plain step solves it
+    assert np.allclose(relaxed_procrustes(cross, planted, 4.0), planted, atol=1e-5)  # nothing to improve: stays
+    a = rng.normal(size=(8, 8))
+    near = scipy.linalg.expm(0.02 * (a - a.T))  # a small true move from the identity
+    small = (x @ near.T).T @ x + rng.normal(size=(8, 8)) * 20  # noisy, as under DP
+    plain, moved = relaxed_procrustes(small, np.eye(8), 1.0), relaxed_procrustes(small, np.eye(8), 4.0)
+    assert np.allclose(moved @ moved.T, np.eye(8), atol=1e-5)
+    assert np.linalg.norm(moved - np.eye(8)) > 2 * np.linalg.norm(plain - np.eye(8))  # it steps past P, away from R
