@@ -208,7 +208,7 @@ def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None
         path = shard_store.shard_path(context.node_config, cfg)
         if path is None:
             raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
-        stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]))
+        stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]), pol.model_bounds)
         for key in ("count", "bytes-on-disk"):  # sizes, reported only as roughly as num-examples
             stats[key] = pol.round_examples(stats[key])
         return Message(content=RecordDict({"metrics": MetricRecord(stats)}), reply_to=msg)

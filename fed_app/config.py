@@ -97,6 +97,9 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
             cfg["init"]["source"] == "public" or mode == "local", "init.source",
             "clients (k-FED) sends each shard's own centroids, which secure aggregation cannot sum; use init.source=public, or privacy=trusted",
         )
+        need(not cfg["strategy"].get("robust", False), "strategy",
+             f"{cfg['strategy']['name']} aggregates each client's encoder robustly, which secure aggregation hides (the server sees only the sum); "
+             "run it with privacy=trusted, or use fedlloyd")
         need(n >= policy.secagg_min_clients, "num_clients", f"{n} clients are fewer than privacy.secagg_min_clients={policy.secagg_min_clients}: no client would mask its statistics in so small a sum")
     if policy.dp:
         need(not mode.startswith("average"), "strategy",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vector_index.model_checks import ModelBounds, check_codebook_norms, check_encoder
+from vector_index import model_checks
+from vector_index.model_checks import ModelBounds
 from vector_index.quantizers import IndexSpec
 from vector_index.validation import VectorError
 
@@ -38,6 +39,4 @@ def check_model(state: GlobalState, spec: IndexSpec, dim: int, data_norm: float,
         raise VectorError(f"encoder: its weights do not load ({str(e).splitlines()[0]})") from None
     if a.shape != (dim, dim):
         raise VectorError(f"encoder: a {a.shape} transform, expected {(dim, dim)}")
-    check_encoder(a, b, bounds, rotation=ROTATION_KEY in state.encoder)
-    gain = float(np.linalg.norm(a.astype(np.float64), ord=2))
-    check_codebook_norms(state.codebooks, gain * data_norm + float(np.linalg.norm(b)), bounds)
+    model_checks.check_model(state.codebooks, (a, b), data_norm, bounds, rotation=ROTATION_KEY in state.encoder)

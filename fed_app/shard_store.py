@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from vector_index.model_checks import ModelBounds
 from vector_index.store import Shard
 from vector_index.topk import rerank_exact
 from vector_index.validation import VectorError
@@ -47,7 +48,7 @@ def shard_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return shard.vectors(ids), ids
 
 
-def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], model_version: int) -> dict[str, float]:
+def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], model_version: int, bounds: ModelBounds) -> dict[str, float]:
     """Re-encode the shard with the final global model and save it atomically.
 
     A simulated client with no shard yet creates one from its partition first.
@@ -61,7 +62,7 @@ def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: 
         shard = Shard.create(path, x.shape[1], spec, metadata={"source": "fedvec simulation partition"})
         shard.add(x, ids)
     books = shard_codebooks(state, x, spec, cfg)
-    shard.reencode(books, affine_of(state.encoder), model_version)
+    shard.reencode(books, affine_of(state.encoder), model_version, bounds)
     version = shard.save()
     stats = shard.stats()
     return {"count": float(stats["count"]), "version": float(version), "model-version": float(model_version), "bytes-on-disk": float(stats["bytes_on_disk"])}

@@ -24,7 +24,7 @@ from logging import ERROR, INFO, WARNING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 from flwr.supercore import log
 
 from vector_index.model_checks import ModelBounds
@@ -413,3 +413,16 @@ class FederatedPQAdam(CodebookMixin, FedAdam):
 
 class FederatedPQYogi(CodebookMixin, FedYogi):
     """Encoder by FedYogi."""
+
+
+class FederatedPQTrimmedAvg(CodebookMixin, FedTrimmedAvg):
+    """Encoder by Flower's trimmed mean (drops the beta share of extremes per entry):
+    robust to a few clients whose encoder is finite and in bounds but wrong."""
+
+
+class FederatedPQMedian(CodebookMixin, FedMedian):
+    """Encoder by Flower's coordinate-wise median."""
+
+
+class FederatedPQKrum(CodebookMixin, Krum):
+    """Encoder by Flower's Krum: the one update closest to its neighbours."""

@@ -96,3 +96,26 @@ def test_vector_files_roundtrip(tmp_path):
     np.testing.assert_array_equal(read_vectors(tmp_path / "a.fvecs"), x)
     np.array([[1, 7], [1, 9]], dtype="<i4").tofile(tmp_path / "ids.ivecs")
     np.testing.assert_array_equal(read_ids(tmp_path / "ids.ivecs"), [7, 9])
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("singular", "encoder: singular values span [0, 1], outside [0.01, 100]"),
+    ("huge", "codebook level 'pq': a centroid of norm 1e+38 exceeds"),
+])
+def test_reencode_refuses_a_singular_encoder_or_a_1e38_codebook_and_keeps_the_shard(files, fault, message):
+    tmp, x = files
+    assert cli("import", "base.npy", "shard", "--index", "pq", "--m", "4", "--nbits", "4", "--train-local", cwd=tmp).returncode == 0
+    before = json.loads(cli("info", "shard", cwd=tmp).stdout)
+    hits_before = cli("search", "shard", "queries.npy", "-k", "5", cwd=tmp).stdout
+    book = np.random.default_rng(1).normal(size=(4, 16, 4)).astype(np.float32)
+    a = np.eye(16, dtype=np.float32)
+    if fault == "singular":
+        a[5] = 0.0
+    else:
+        book[2, 7, 0] = 1e38
+    np.savez(tmp / "model.npz", pq=book, A=a, b=np.zeros(16, np.float32), model_version=5)
+    r = cli("reencode", "shard", "model.npz", cwd=tmp)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    after = json.loads(cli("info", "shard", cwd=tmp).stdout)
+    assert after["manifest"] == before["manifest"]  # same version, model and files
+    assert cli("search", "shard", "queries.npy", "-k", "5", cwd=tmp).stdout == hits_before

@@ -11,6 +11,7 @@ The bounds are relative to data the checker knows (its own vectors, or the init)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,28 @@ class ModelBounds:
     def __post_init__(self) -> None:
         if not (self.max_gain >= 1 and 0 < self.orthogonal_tol < 1 and self.norm_slack >= 1):
             raise ValueError(f"model bounds: need max_gain >= 1, 0 < orthogonal_tol < 1, norm_slack >= 1; got {self}")
+
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "conf" / "privacy" / "secure.yaml"  # a node's defaults
+
+
+def default_bounds() -> ModelBounds:
+    """The bounds a SuperNode applies unless its node config says otherwise."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.load(DEFAULTS_FILE)
+    return ModelBounds(float(c.model_max_gain), float(c.model_orthogonal_tol), float(c.model_norm_slack))
+
+
+def check_model(codebooks: dict[str, np.ndarray], transform: tuple[np.ndarray, np.ndarray] | None, data_norm: float,
+                bounds: ModelBounds, rotation: bool = False) -> None:
+    """A whole model over vectors of norm <= data_norm: encoder (if any), then codebooks."""
+    gain, offset = 1.0, 0.0
+    if transform is not None:
+        a, b = transform
+        check_encoder(a, b, bounds, rotation)
+        gain, offset = float(np.linalg.norm(a.astype(np.float64), ord=2)), float(np.linalg.norm(b))
+    check_codebook_norms(codebooks, gain * data_norm + offset, bounds)
 
 
 def check_encoder(a: np.ndarray, b: np.ndarray, bounds: ModelBounds, rotation: bool) -> None:

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from . import store_format as fmt
+from .model_checks import ModelBounds, check_model, default_bounds
 from .quantizers import IndexSpec, check_codebooks, check_transform, empty_index, with_transform
 from .store_format import ShardError
 from .validation import VectorError, check_vectors
@@ -289,14 +290,17 @@ class Shard:
         keep = ~np.isin(self._ids, ids)
         self._apply(self._vectors[keep], self._ids[keep], lambda index: self._remove(index, ids), rebuild=self._is_hnsw())
 
-    def reencode(self, codebooks: dict[str, np.ndarray], transform: Transform | None, model_version: int) -> None:
+    def reencode(self, codebooks: dict[str, np.ndarray], transform: Transform | None, model_version: int, bounds: ModelBounds | None = None) -> None:
         """Rebuild the encoded index from the raw vectors with a new global model.
 
         Changes the codes, never the ids or raw vectors. ``transform`` (A, b) is the
-        shared linear encoder z = x @ A.T + b (for opqpq: the rotation), or None.
+        shared linear encoder z = x @ A.T + b (for opqpq: the rotation), or None. A model
+        outside ``bounds`` (a node's defaults if None) for this shard's vectors is refused.
         """
         books = check_codebooks(self.spec, self.dim, codebooks, strict=True)
         tr = check_transform(*transform, self.dim) if transform is not None else None
+        data_norm = float(np.linalg.norm(self._vectors.astype(np.float64), axis=1).max(initial=0.0))
+        check_model(books, tr, data_norm, bounds or default_bounds(), rotation=self.spec.kind == "opqpq")
         version = _check_model_version(model_version)
         index = fill(make_index(self.spec, self.dim, books, tr), self._vectors, self._ids)
         self._index, self._codebooks, self._transform, self.model_version = index, books, tr, version
