@@ -26,6 +26,37 @@ class ConfigError(ValueError):
     """An experiment configuration fedvec refuses to run."""
 
 
+# key -> (type, smallest, largest): checked first, so a wrong type is named, not a traceback
+# (None: unbounded; int values pass for float keys; bool never passes for a number; a
+# float key's smallest value is excluded, except for the keys in INCLUSIVE)
+SCALARS: dict[str, tuple[type, float | None, float | None]] = {
+    "num_clients": (int, 1, None), "num_rounds": (int, 1, None), "min_clients": (int, 1, None), "seed": (int, 0, 2**31 - 1),
+    "fraction_train": (float, 0, 1), "timeout_s": (float, 0, None),
+    "data.num_base": (int, 1, None), "data.num_queries": (int, 1, None),
+    "train.local_epochs": (int, 0, None), "train.batch_size": (int, 2, None), "train.lr": (float, 0, None),
+    "train.lam": (float, 0, None), "train.gamma": (float, 0, None), "train.procrustes_step": (float, 0, None),
+    "init.local_k": (int, 1, None), "init.kmeans_iters": (int, 1, None),
+    "eval.k": (int, 10, None), "eval.local_queries": (int, 1, None), "eval.every": (int, 1, None),
+}
+INCLUSIVE = ("train.lam", "train.gamma")
+
+
+def check_scalars(cfg: dict[str, Any]) -> None:
+    """Type and range of every scalar key in SCALARS that the config holds."""
+    for key, (kind, lo, hi) in SCALARS.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None and key.startswith("data."):
+            continue  # a data loader without this key (npy files)
+        ok_type = not isinstance(node, bool) and (isinstance(node, int) if kind is int else isinstance(node, (int, float)))
+        closed = kind is int or key in INCLUSIVE
+        bounds = f"{'>= ' if closed else '> '}{lo}" if hi is None else f"in {'[' if closed else '('}{lo}, {hi}]"
+        what = "an integer " if kind is int else ("" if ok_type else "a number ")
+        if not ok_type or (lo is not None and (node < lo or (not closed and node == lo))) or (hi is not None and node > hi):
+            raise ConfigError(f"{key}: must be {what}{bounds}, got {node!r}")
+
+
 def compose_config(overrides: str | list[str] = ()) -> dict[str, Any]:
     """The same composition ``@hydra.main`` does, for callers outside Hydra's CLI."""
     if isinstance(overrides, str):
@@ -45,6 +76,8 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {why}")
+
+    check_scalars(cfg)
 
     n = cfg["num_clients"]
     need(isinstance(n, int) and n >= 1, "num_clients", f"must be an integer >= 1, got {n!r}")
@@ -89,8 +122,7 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
         policy = ClientPolicy.from_mapping(cfg["privacy"], source="privacy group")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if ev["protocol"] == "trusted":
-        need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients would refuse it")
+    need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients answer at most that many neighbours")
     mode = cfg["strategy"]["flower"]["codebook_update"]
     if policy.secure_aggregation:
         need(

@@ -37,7 +37,7 @@ from .model_guard import max_norm
 from .reply_checks import InvalidReply, init_reply
 from .strategy import ModelChecks, SecureSettings
 from .state import GlobalState, arrays_of, record_nbytes
-from .summary import final_table, write_summary
+from .summary import check_fresh_run_dir, final_table, write_summary
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -268,6 +268,7 @@ FINAL_KEYS = ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at
 
 def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     """Run one experiment end to end; returns the path of summary.json."""
+    check_fresh_run_dir(out_dir)
     t0 = time.time()
     data = load_dataset(cfg["data"])
     validate(cfg, data.base.shape[1], data.base.shape[0])

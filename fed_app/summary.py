@@ -4,8 +4,36 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+RUN_FILES = ("summary.json", "failed.json", "timing.json", "rounds.csv", "global_model.npz", "shards")  # what a run writes
+
+
+class DirtyRunDir(ValueError):
+    """The output directory already holds a run: a new one would mix with it."""
+
+
+def check_fresh_run_dir(out_dir: Path) -> None:
+    """Refuse a directory that holds an earlier run's results (before anything is written)."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found:
+        raise DirtyRunDir(
+            f"{out_dir} already holds a run ({', '.join(found)}); a new run would overwrite or mix with it: "
+            "choose a fresh directory (Hydra's default outputs/<date>/<time>, or another hydra.run.dir) or remove this one"
+        )
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinity as null: they are not JSON, and a reader would choke on them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 TABLE_KEYS = (
     ("distortion", "distortion"),
@@ -25,7 +53,7 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
         writer.writerows(rounds)
     path = out_dir / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=True, allow_nan=False))
     tmp.replace(path)
     return path
 

@@ -32,6 +32,7 @@ from fed_app.config import CONF_DIR, to_plain, validate
 from fed_app.local_data import load_dataset
 from fed_app.privacy.policy import ClientPolicy
 from fed_app.server_app import make_server_app
+from fed_app.summary import DirtyRunDir, check_fresh_run_dir
 
 
 def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, client_mods: list | None = None) -> Path:
@@ -41,6 +42,7 @@ def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, clie
     ``client_mods``: Flower mods wrapped around every ClientApp (hostile clients).
     """
     logging.getLogger("flwr").propagate = False  # Hydra's root handler would print twice
+    check_fresh_run_dir(out_dir)  # before any client starts
     data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
     validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
     run_simulation(
@@ -79,12 +81,16 @@ def main(cfg: DictConfig) -> str | None:
     out_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     job = {"overrides": overrides, "job_num": hc.job.get("num"), "output_dir": str(out_dir)}
-    (out_dir / FAILED_FILE).unlink(missing_ok=True)  # a stale failure from an earlier run here
     started, t0 = _now(), time.perf_counter()
     try:
+        check_fresh_run_dir(out_dir)
         path = simulate(to_plain(cfg), out_dir)
     except KeyboardInterrupt:
         raise
+    except DirtyRunDir as exc:  # nothing may be written there: it is another run's
+        _failures.append({**job, "status": "refused", "error_type": type(exc).__name__, "message": str(exc)})
+        log.error("RUN REFUSED [%s] %s", " ".join(overrides) or "(no overrides)", exc)
+        return None
     except (Exception, SystemExit) as exc:  # SystemExit: a library calling sys.exit must not end the sweep
         wall = round(time.perf_counter() - t0, 3)
         failure = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -250,6 +252,14 @@ def test_good_config_passes(good_cfg):
         (["fraction_train=1.5"], "fraction_train", "must be in \\(0, 1\\], got 1.5"),
         (["partition=dirichlet", "partition.alpha=0"], "partition.alpha", "must be > 0, got 0"),
         (["partition=dirichlet", "partition.alpha=-0.5"], "partition.alpha", "must be > 0, got -0.5"),
+        (["data.num_queries=0"], "data.num_queries", "must be an integer >= 1, got 0"),
+        (["eval.every=0"], "eval.every", "must be an integer >= 1, got 0"),
+        (["init.local_k=0"], "init.local_k", "must be an integer >= 1, got 0"),
+        (["seed=-1"], "seed", "must be an integer in \\[0, 2147483647\\], got -1"),
+        (["train.lr=abc"], "train.lr", "must be a number > 0, got 'abc'"),
+        (["train.lam=-1"], "train.lam", "must be >= 0, got -1"),
+        (["num_rounds=2.5"], "num_rounds", "must be an integer >= 1, got 2.5"),
+        (["eval.k=100000"], "eval.k", "100000 exceeds privacy.max_k=100"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, why):
@@ -277,3 +287,34 @@ def test_simulate_refuses_before_writing(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         simulate(cfg, out_dir)
     assert list(out_dir.iterdir()) == []  # no summary.json, nothing half-written
+
+
+def test_a_run_refuses_a_directory_that_holds_another_run(tmp_path):
+    import subprocess
+    import sys
+
+    from fed_app.summary import DirtyRunDir
+    from simulations.run import simulate
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "summary.json").write_text('{"final": "the earlier run"}')
+    (old / "shards").mkdir()
+    with pytest.raises(DirtyRunDir, match=r"already holds a run \(summary\.json, shards\).*choose a fresh directory"):
+        simulate(compose_config([*SYNTH, "index.m=4", "index.nbits=6"]), old)
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "simulations.run", *SYNTH, "index.m=4", "index.nbits=6", f"hydra.run.dir={old}"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and "RUN REFUSED" in r.stderr + r.stdout and "already holds a run" in r.stderr, r.stderr[-2000:]
+    assert (old / "summary.json").read_text() == '{"final": "the earlier run"}'  # untouched
+    assert not (old / "failed.json").exists()
+
+
+def test_summary_json_stays_strict_json_when_a_figure_is_nan(tmp_path):
+    import json
+
+    from fed_app.summary import write_summary
+
+    path = write_summary(tmp_path, {"rounds": [{"round": 0, "distortion": float("nan")}], "final": {"x": float("inf"), "y": 1.5}})
+    loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert loaded["final"] == {"x": None, "y": 1.5} and loaded["rounds"][0]["distortion"] is None
