@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -29,10 +32,32 @@ from omegaconf import DictConfig
 
 from fed_app.client_app import make_client_app
 from fed_app.config import CONF_DIR, to_plain, validate
+from fed_app.interrupts import STOP
 from fed_app.local_data import load_dataset
 from fed_app.privacy.policy import ClientPolicy
 from fed_app.server_app import make_server_app
 from fed_app.summary import DirtyRunDir, check_fresh_run_dir
+
+
+RAY_INIT_ARGS = {"logging_level": "ERROR", "log_to_driver": True}
+
+
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """Start Ray as Flower's Ray backend would (``RayBackend.init_ray``: no dashboard,
+    this process's sys.path for the workers), but keep this process's SIGTERM handler:
+    ``ray.init`` replaces it with one that raises SystemExit in the main thread, which
+    leaves the ServerApp thread waiting for replies and the process aborting. Flower then
+    finds Ray running and uses it (and shuts it down at the end of the run)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ours = signal.getsignal(signal.SIGTERM)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+    if threading.current_thread() is threading.main_thread() and ours is not None:
+        signal.signal(signal.SIGTERM, ours)
 
 
 def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, client_mods: list | None = None) -> Path:
@@ -45,13 +70,14 @@ def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, clie
     check_fresh_run_dir(out_dir)  # before any client starts
     data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
     validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
+    _start_ray(RAY_INIT_ARGS)
     run_simulation(
         server_app=server_app or make_server_app(cfg, out_dir),
         # the simulated clients hold the experiment's privacy group themselves: no
         # message can loosen it (a deployed SuperNode reads its own node config)
         client_app=make_client_app(ClientPolicy.for_simulation(cfg), client_mods),
         num_supernodes=int(cfg["num_clients"]),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"logging_level": "ERROR", "log_to_driver": True}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": RAY_INIT_ARGS},
     )
     path = out_dir / "summary.json"
     if not path.is_file():
@@ -85,17 +111,20 @@ def main(cfg: DictConfig) -> str | None:
     try:
         check_fresh_run_dir(out_dir)
         path = simulate(to_plain(cfg), out_dir)
-    except KeyboardInterrupt:
-        raise
     except DirtyRunDir as exc:  # nothing may be written there: it is another run's
         _failures.append({**job, "status": "refused", "error_type": type(exc).__name__, "message": str(exc)})
         log.error("RUN REFUSED [%s] %s", " ".join(overrides) or "(no overrides)", exc)
         return None
-    except (Exception, SystemExit) as exc:  # SystemExit: a library calling sys.exit must not end the sweep
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # SystemExit: a library calling sys.exit must not end the sweep
         wall = round(time.perf_counter() - t0, 3)
+        # Ray's ray.init replaces our SIGTERM handler with one raising SystemExit(15) in
+        # the main thread: that is a SIGTERM too, and the server thread must stop with it
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == signal.SIGTERM):
+            STOP.set()
+        interrupted = STOP.is_set()
         failure = {
             **job,
-            "status": "failed",
+            "status": "interrupted" if interrupted else "failed",
             "error_type": type(exc).__name__,
             "message": str(exc),
             "traceback": traceback.format_exc(),
@@ -103,8 +132,12 @@ def main(cfg: DictConfig) -> str | None:
             "wall_time_s": wall,
         }
         _write_json(out_dir / FAILED_FILE, failure)
-        _write_json(out_dir / TIMING_FILE, {"status": "failed", "started": started, "finished": _now(), "wall_time_s": wall})
+        _write_json(out_dir / TIMING_FILE, {"status": failure["status"], "started": started, "finished": _now(), "wall_time_s": wall})
         _failures.append(failure)
+        if interrupted:
+            log.error("RUN INTERRUPTED [%s] after %.1f s (written to %s); the sweep stops here",
+                      " ".join(overrides) or "(no overrides)", wall, out_dir / FAILED_FILE)
+            raise KeyboardInterrupt from None
         log.error(
             "RUN FAILED [%s] %s: %s\n%s  (written to %s)",
             " ".join(overrides) or "(no overrides)", type(exc).__name__, exc, failure["traceback"], out_dir / FAILED_FILE,
@@ -116,10 +149,28 @@ def main(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def _on_signal(signum: int, _frame: Any) -> None:
+    """First SIGINT/SIGTERM: stop the run at the server's next wait (well within 30 s)
+    and record it as interrupted; a second one aborts at once."""
+    if STOP.is_set():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+    STOP.set()
+    log.warning("%s received: stopping the run (send it again to abort at once)", signal.Signals(signum).name)
+
+
 def cli() -> int:
-    """Run main() (one run, or every combination with -m); 1 if any run failed."""
+    """Run main() (one run, or every combination with -m); 1 if any run failed, 130 if
+    a signal stopped it."""
     _failures.clear()
-    main()
+    STOP.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(_failures)} run(s) did not finish; see failed.json in their directories", file=sys.stderr, flush=True)
+        return 130
     if not _failures:
         return 0
     lines = [f"{len(_failures)} run(s) failed:"]
