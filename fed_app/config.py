@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 # float key's smallest value is excluded, except for the keys in INCLUSIVE)
 SCALARS: dict[str, tuple[type, float | None, float | None]] = {
     "num_clients": (int, 1, None), "num_rounds": (int, 1, None), "min_clients": (int, 1, None), "seed": (int, 0, 2**31 - 1),
-    "fraction_train": (float, 0, 1), "timeout_s": (float, 0, None),
+    "fraction_train": (float, 0, 1), "timeout_s": (float, 0, None), "nodes_wait_s": (float, 0, None),
     "data.num_base": (int, 1, None), "data.num_queries": (int, 1, None),
     "train.local_epochs": (int, 0, None), "train.batch_size": (int, 2, None), "train.lr": (float, 0, None),
     "train.lam": (float, 0, None), "train.gamma": (float, 0, None), "train.procrustes_step": (float, 0, None),

@@ -41,13 +41,16 @@ from .state import GlobalState, arrays_of, record_nbytes
 from .summary import check_fresh_run_dir, final_table, write_summary
 
 
-def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
-    deadline = time.time() + timeout
+def wait_for_nodes(grid: Grid, n: int, wait_s: float) -> list[int]:
+    """The connected SuperNodes once there are num_clients of them; fails after
+    ``nodes_wait_s`` with the count it saw (Flower's own sampling would wait forever)."""
+    deadline = time.time() + wait_s
     while len(nodes := list(grid.get_node_ids())) < n:
+        check_stop()
         if time.time() > deadline:
             raise RuntimeError(
-                f"only {len(nodes)} SuperNodes connected after {timeout:.0f}s but num_clients={n}; "
-                "start more SuperNodes or set num_clients to match the federation"
+                f"only {len(nodes)} SuperNode(s) connected after nodes_wait_s={wait_s:g}s but num_clients={n}; "
+                "start more SuperNodes, set num_clients to match the federation, or raise nodes_wait_s"
             )
         time.sleep(0.5)
     return nodes
@@ -276,7 +279,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     validate(cfg, data.base.shape[1], data.base.shape[0])
     spec = index_spec(cfg)
     timeout = float(cfg["timeout_s"])
-    wait_for_nodes(grid, int(cfg["num_clients"]), timeout)
+    wait_for_nodes(grid, int(cfg["num_clients"]), float(cfg["nodes_wait_s"]))
     if cfg["eval"]["protocol"] == "trusted":
         log(WARNING, "eval.protocol=trusted: every shard returns exact distances to the evaluation queries; "
             "simulation research mode only, recorded in final.privacy (deployed SuperNodes refuse it)")

@@ -9,14 +9,18 @@ Hydra overrides arrive through Flower's run config as one string::
 from __future__ import annotations
 
 import time
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from .config import compose_config
 from .federation import run_federation
+from .interrupts import Interrupted
 from .search_mode import run_search
+from .summary import DirtyRunDir, write_failure
 
 
 def make_server_app(cfg: dict, out_dir: Path) -> ServerApp:
@@ -44,4 +48,11 @@ def main(grid: Grid, context: Context) -> None:
         print(run_search(grid, dict(rc), float(cfg["timeout_s"])), flush=True)
         return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
-    print(run_federation(grid, cfg, out_dir), flush=True)
+    try:
+        print(run_federation(grid, cfg, out_dir), flush=True)
+    except DirtyRunDir:
+        raise  # another run's directory: write nothing there
+    except Exception as exc:
+        path = write_failure(out_dir, exc, "interrupted" if isinstance(exc, Interrupted) else "failed", overrides=str(rc.get("overrides", "")))
+        log(ERROR, "fedvec: RUN FAILED: %s: %s (written to %s)", type(exc).__name__, exc, path)
+        raise  # Flower marks the run finished:failed (`flwr ls --run-id <id>`; scripts/flwr-run.sh exits 1)

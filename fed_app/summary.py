@@ -43,6 +43,18 @@ TABLE_KEYS = (
 )
 
 
+def write_failure(out_dir: Path, exc: BaseException, status: str, **context: Any) -> Path:
+    """failed.json: why a run ended without a summary (``status``: failed / interrupted)."""
+    import traceback
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "failed.json"
+    record = {**context, "status": status, "error_type": type(exc).__name__, "message": str(exc),
+              "traceback": "".join(traceback.format_exception(exc))}
+    path.write_text(json.dumps(json_safe(record), indent=2, default=str))
+    return path
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = summary["rounds"]

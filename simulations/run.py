@@ -36,7 +36,7 @@ from fed_app.interrupts import STOP
 from fed_app.local_data import load_dataset
 from fed_app.privacy.policy import ClientPolicy
 from fed_app.server_app import make_server_app
-from fed_app.summary import DirtyRunDir, check_fresh_run_dir
+from fed_app.summary import DirtyRunDir, check_fresh_run_dir, write_failure
 
 
 RAY_INIT_ARGS = {"logging_level": "ERROR", "log_to_driver": True}
@@ -117,22 +117,13 @@ def main(cfg: DictConfig) -> str | None:
         return None
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # SystemExit: a library calling sys.exit must not end the sweep
         wall = round(time.perf_counter() - t0, 3)
-        # Ray's ray.init replaces our SIGTERM handler with one raising SystemExit(15) in
-        # the main thread: that is a SIGTERM too, and the server thread must stop with it
-        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == signal.SIGTERM):
+        if isinstance(exc, KeyboardInterrupt):  # a second signal, or one before our handler: the server thread stops too
             STOP.set()
         interrupted = STOP.is_set()
-        failure = {
-            **job,
-            "status": "interrupted" if interrupted else "failed",
-            "error_type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": traceback.format_exc(),
-            "started": started,
-            "wall_time_s": wall,
-        }
-        _write_json(out_dir / FAILED_FILE, failure)
-        _write_json(out_dir / TIMING_FILE, {"status": failure["status"], "started": started, "finished": _now(), "wall_time_s": wall})
+        status = "interrupted" if interrupted else "failed"
+        write_failure(out_dir, exc, status, **job, started=started, wall_time_s=wall)
+        failure = {**job, "status": status, "error_type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        _write_json(out_dir / TIMING_FILE, {"status": status, "started": started, "finished": _now(), "wall_time_s": wall})
         _failures.append(failure)
         if interrupted:
             log.error("RUN INTERRUPTED [%s] after %.1f s (written to %s); the sweep stops here",

@@ -403,6 +403,30 @@ def test_supernodes_refuse_k_above_their_limit(deployment):
     assert "query refused by every shard" in log and "max-k=100" in log, log[-3000:]
 
 
+def test_too_few_supernodes_fails_fast_visibly_and_with_a_nonzero_exit(deployment):
+    """num_clients above the connected SuperNodes: the ServerApp fails after nodes_wait_s
+    (not timeout_s), naming the count it saw; the run's own directory holds failed.json,
+    the log's last fedvec line says RUN FAILED, and scripts/flwr-run.sh exits 1 with
+    Flower's status (plain `flwr run --stream` exits 0 in Flower 1.42)."""
+    dep = deployment
+    out = dep.root / "out-too-few"
+    run_config = f'overrides="{TRAIN_OVERRIDES} num_clients={N_SHARDS + 2} nodes_wait_s=5" output-dir="{out}"'
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPTS / "flwr-run.sh"), ".", CONN, "--run-config", run_config],
+                          env=dep.env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    took = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert f"only {N_SHARDS} SuperNode(s) connected after nodes_wait_s=5s but num_clients={N_SHARDS + 2}" in log, log[-3000:]
+    assert "fedvec: RUN FAILED" in log and "ended finished:failed" in proc.stderr, log[-3000:]
+    failed = list(out.rglob("failed.json"))
+    assert len(failed) == 1 and not list(out.rglob("summary.json")), failed
+    record = json.loads(failed[0].read_text())
+    assert record["status"] == "failed" and "nodes_wait_s=5s" in record["message"], record
+    assert took < 600, took  # below the default timeout_s: it did not wait for replies
+    print(f"too few SuperNodes: failed after {took:.1f} s (nodes_wait_s=5, including the run's start-up)")
+
+
 def test_supernode_killed_mid_training_is_reported_missing(deployment):
     """One SuperNode is SIGKILLed in the middle of round 1's secure aggregation, right after
     it sent its encrypted key shares (so the survivors' masks cover it) and before it sent
