@@ -78,6 +78,7 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
             raise ConfigError(f"{key}: {why}")
 
     check_scalars(cfg)
+    need(cfg.get("resume") is None or isinstance(cfg["resume"], str), "resume", f"must be a run directory (or null), got {cfg.get('resume')!r}")
 
     n = cfg["num_clients"]
     need(isinstance(n, int) and n >= 1, "num_clients", f"must be an integer >= 1, got {n!r}")

@@ -24,7 +24,7 @@ from vector_index.model_checks import ModelBounds
 from vector_index.quantizers import IndexSpec, train_reference_index
 from vector_index.topk import recall_report
 
-from . import lloyd
+from . import checkpoint, lloyd
 from .client_tasks import ESTIMATE_KEYS, index_spec, train_local_codebooks
 from .config import validate
 from .encoder import affine_of, encode, initial_weights, load_encoder
@@ -37,7 +37,7 @@ from .simulator_truth import exact_neighbours, true_metrics
 from .model_guard import max_norm
 from .reply_checks import InvalidReply, init_reply
 from .strategy import ModelChecks, SecureSettings
-from .state import GlobalState, arrays_of, record_nbytes
+from .state import GlobalState, arrays_of, record_nbytes, record_of
 from .summary import check_fresh_run_dir, final_table, write_summary
 
 
@@ -215,8 +215,15 @@ class RoundEvaluator:
         self.trusted = cfg["eval"]["protocol"] == "trusted"
         self.t0 = time.time()
         self._initial: ArrayRecord | None = None  # round 0's model, until we know whether the shards are simulated
+        self.out_dir: Path | None = None  # where the checkpoint goes after every round
+        self.resumed_wall_s = 0.0  # wall time of the interrupted run(s) this one continues
+        self.init_info: dict[str, Any] = {}  # what the init cost and who withheld (a resumed run reports it too)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        offset = self.strategy.round_offset
+        if offset and server_round == 0:  # resumed: this round was evaluated before the interruption
+            return MetricRecord({})
+        server_round += offset
         if server_round == 0:  # Flower's own evaluate pass only follows training rounds
             replies = self.grid.send_and_receive(
                 self.strategy.configure_evaluate(0, arrays, client_config(self.cfg), self.grid), timeout=self.timeout
@@ -246,6 +253,10 @@ class RoundEvaluator:
             f"{row['recall_10_at_10']:.4f}" if "recall_10_at_10" in row else "-",
             f"{row['estimate.recall_10_at_10']:.4f}" if "estimate.recall_10_at_10" in row else "-", row["elapsed_s"],
         )
+        if server_round > 0 and self.out_dir is not None:  # after every round, atomically
+            logs = {"strategy": self.strategy.checkpoint_logs(), "rounds": self.rounds, "source": self.source,
+                    "wall_s": round(time.time() - self.t0, 2) + self.resumed_wall_s, "init": self.init_info}
+            checkpoint.save(self.out_dir, server_round, self.cfg, arrays_of(arrays), self.strategy.moments(), logs)
         return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
     def _truth_or_estimate(self, server_round: int, arrays: ArrayRecord, row: dict[str, float]) -> dict[str, float]:
@@ -295,7 +306,16 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     )
     init_rejected: list[dict] = []
     init_bytes, public_vectors = 0, 0
-    if not local and cfg["init"]["source"] == "public":
+    resumed = checkpoint.load(Path(str(cfg["resume"])).expanduser(), cfg) if cfg.get("resume") else None
+    if resumed is not None:  # the model and the init's record come from the checkpoint
+        if resumed.round >= int(cfg["num_rounds"]):
+            raise checkpoint.CheckpointError(f"resume={cfg['resume']}: that run finished all {cfg['num_rounds']} rounds; nothing to resume")
+        state = GlobalState.from_record(record_of(resumed.model))
+        init = resumed.logs["init"]
+        init_bytes, public_vectors, init_withheld = init["bytes"], init["public_vectors"], {int(n): w for n, w in init["withheld"].items()}
+        init_rejected = init["rejected"]
+        log(INFO, "resume: continuing %s after round %d of %d", cfg["resume"], resumed.round, cfg["num_rounds"])
+    elif not local and cfg["init"]["source"] == "public":
         public_vectors = public_init(state, spec, cfg, data)
     elif not local:
         init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld, checks, init_rejected)
@@ -322,10 +342,16 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         log(WARNING, "privacy=%s: every client's statistics reach the server unmasked (research simulation only; "
             "deployed SuperNodes refuse it)", cfg["privacy"]["name"])
     evaluator = RoundEvaluator(grid, strategy, cfg, data, timeout)
+    evaluator.out_dir = out_dir
+    evaluator.init_info = {"bytes": init_bytes, "public_vectors": public_vectors, "withheld": {str(n): w for n, w in init_withheld.items()},
+                           "rejected": init_rejected}
+    if resumed is not None:
+        strategy.restore(resumed.logs["strategy"], resumed.moments, resumed.round)
+        evaluator.rounds, evaluator.source, evaluator.resumed_wall_s = resumed.logs["rounds"], resumed.logs["source"], float(resumed.logs["wall_s"])
     result = strategy.start(
         grid,
         state.to_record(),
-        num_rounds=int(cfg["num_rounds"]),
+        num_rounds=int(cfg["num_rounds"]) - (resumed.round if resumed else 0),
         timeout=timeout,
         train_config=client_config(cfg),
         evaluate_config=client_config(cfg),
@@ -362,7 +388,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         "final": final,
         "rounds": evaluator.rounds,
         "config": cfg,
-        "wall_time_s": round(time.time() - t0, 2),
+        "wall_time_s": round(time.time() - t0 + evaluator.resumed_wall_s, 2),
+        "resumed_from": {"run_dir": str(cfg["resume"]), "round": resumed.round} if resumed else None,
         "global_model": str(model_path),
         "deployed": deployed,
         "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},

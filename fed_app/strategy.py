@@ -114,6 +114,36 @@ class CodebookMixin:
         self._evaluated_model: dict[str, np.ndarray] = {}
         self.rejected: list[dict] = []  # replies dropped as invalid: round, phase, node, reason
         self.rejected_models: dict[int, str] = {}  # round -> why its aggregate was not applied
+        self.round_offset = 0  # a resumed run: Flower's round 1 is this run's round offset + 1
+
+    def checkpoint_logs(self) -> dict:
+        """Everything summary.json is built from, as JSON (for fed_app.checkpoint)."""
+        return {
+            "missing": {str(r): v for r, v in self.missing.items()}, "rejected": self.rejected,
+            "rejected_models": {str(r): v for r, v in self.rejected_models.items()},
+            "round_log": {str(r): v for r, v in self.round_log.items()},
+            "withheld": {str(r): {str(n): w for n, w in d.items()} for r, d in self.withheld.items()},
+            "releases": self.releases, "node_policies": {str(n): p for n, p in self.node_policies.items()},
+            "all_simulated": self.all_simulated, "noise_std": self._noise_std,
+        }
+
+    def restore(self, logs: dict, moments: dict[str, dict[str, np.ndarray]], server_round: int) -> None:
+        """Continue after ``server_round`` from a checkpoint."""
+        self.round_offset = server_round
+        self.missing = {int(r): v for r, v in logs["missing"].items()}
+        self.rejected = list(logs["rejected"])
+        self.rejected_models = {int(r): v for r, v in logs["rejected_models"].items()}
+        self.round_log = {int(r): v for r, v in logs["round_log"].items()}
+        self.withheld = {int(r): {int(n): w for n, w in d.items()} for r, d in logs["withheld"].items()}
+        self.releases = list(logs["releases"])
+        self.node_policies = {int(n): p for n, p in logs["node_policies"].items()}
+        self.all_simulated = bool(logs["all_simulated"])
+        self._noise_std = dict(logs["noise_std"])
+        for name, values in moments.items():  # FedAdam / FedYogi's server moments
+            setattr(self, name, values)
+
+    def moments(self) -> dict[str, dict[str, np.ndarray]]:
+        return {name: dict(v) for name in ("m_t", "v_t") if isinstance(v := getattr(self, name, None), dict)}
 
     def use_model_checks(self, checks: ModelChecks) -> None:
         self.checks = checks
@@ -188,6 +218,7 @@ class CodebookMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Let the base strategy see the encoder only; ship codebooks beside it."""
+        server_round += self.round_offset
         everything = arrays_of(arrays)
         self._sent_model = everything
         self._codebooks = {k: v for k, v in everything.items() if k.startswith(CODEBOOK)}
@@ -204,6 +235,7 @@ class CodebookMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Under DP the private evaluation is one noisy release, after the last round only."""
+        server_round += self.round_offset
         if self.secure is not None and self.secure.dp and server_round != self.secure.num_rounds:
             return []
         self._evaluated_model = arrays_of(arrays)
@@ -228,6 +260,7 @@ class CodebookMixin:
         return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = sorted(replies, key=_content_digest)  # arrival order must not change sums
         updates, weights, nbytes, answered = [], [], [], set()
         for msg in replies:
@@ -366,6 +399,7 @@ class CodebookMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Distortion and energy weighted by num-examples (FedAvg); each shard's recall
         estimate weighted by its number of held-out queries; the limits nodes report."""
+        server_round += self.round_offset
         replies = self._drop_withheld(server_round, sorted(replies, key=_content_digest))
         ok = [m for m in replies if not m.has_error()]
         if self.secure is not None:

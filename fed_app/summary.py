@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-RUN_FILES = ("summary.json", "failed.json", "timing.json", "rounds.csv", "global_model.npz", "shards")  # what a run writes
+RUN_FILES = ("summary.json", "failed.json", "timing.json", "rounds.csv", "global_model.npz", "shards", "checkpoint.json")  # what a run writes
 
 
 class DirtyRunDir(ValueError):
