@@ -108,3 +108,28 @@ def test_the_hostile_node_costs_only_its_own_contribution(runs):
     clean, attacked, _ = runs
     ours, theirs = attacked["final"]["federated"]["recall_10_at_10"], clean["final"]["federated"]["recall_10_at_10"]
     assert ours >= 0.98 * theirs, (ours, theirs)
+
+
+def masked_too_much(msg: Message, context: Context, call_next) -> Message:
+    """Under secure aggregation a node can only skew its own masked input: this one adds
+    2^60 to every entry of the first one it sends from each ClientApp process (within
+    the field, invisible until the sum is unmasked)."""
+    reply = call_next(msg, context)
+    if int(context.node_config["partition-id"]) == HOSTILE_PARTITION and not reply.has_error() and "masked" in reply.content.array_records:
+        if not hasattr(masked_too_much, "done"):
+            y = reply.content["masked"]["y"].numpy()
+            reply.content["masked"] = record_of({"y": (y + np.uint64(2**60)).astype(y.dtype)})
+            masked_too_much.done = True  # type: ignore[attr-defined]  # once per ClientApp process
+    return reply
+
+
+def test_under_secure_aggregation_a_skewed_sum_is_caught_as_a_model_and_not_applied(tmp_path):
+    """The server cannot see which input was skewed, but the unmasked aggregate fails
+    the model checks: that round's model is not applied (summary.json rejected_models),
+    the run goes on and finishes with a sound model."""
+    cfg = compose_config([*TINY, "num_rounds=2", "save_shards=false", "eval.centralized=false"])  # privacy=secagg
+    summary = json.loads(simulate(cfg, tmp_path / "run", client_mods=[masked_too_much]).read_text())
+    assert summary["rejected_models"], summary["rounds"]
+    reason = next(iter(summary["rejected_models"].values()))
+    assert "exceeds" in reason or "NaN" in reason or "singular" in reason, reason
+    assert np.isfinite(summary["final"]["federated"]["distortion"]) and summary["final"]["federated"]["recall_10_at_10"] > 0.1
