@@ -5,6 +5,7 @@ Validation runs on the server before any client is contacted, naming the key at 
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,11 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
         raise ConfigError(str(exc)) from exc
     need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients answer at most that many neighbours")
     mode = cfg["strategy"]["flower"]["codebook_update"]
+    f_krum = cfg["strategy"]["flower"].get("num_malicious_nodes")
+    if f_krum is not None:
+        sampled = max(1, math.floor(n * cfg["fraction_train"]))
+        need(isinstance(f_krum, int) and f_krum >= 0 and sampled > 2 * f_krum + 2, "strategy.flower.num_malicious_nodes",
+             f"Krum tolerates f hostile clients only among n > 2f + 2 sampled clients; got f={f_krum!r} with {sampled} sampled per round")
     if policy.secure_aggregation:
         need(
             cfg["init"]["source"] == "public" or mode == "local", "init.source",

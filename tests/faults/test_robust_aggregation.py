@@ -53,3 +53,9 @@ def test_robust_strategies_are_refused_under_secure_aggregation(strategy):
     with pytest.raises(ConfigError, match=rf"^strategy: {strategy} aggregates each client's encoder robustly, which secure aggregation hides"):
         validate(compose_config([f"strategy={strategy}"]), 50, 100_000)
     validate(compose_config([f"strategy={strategy}", "privacy=trusted"]), 50, 100_000)
+
+
+def test_krum_needs_more_than_2f_plus_2_clients():
+    with pytest.raises(ConfigError, match=r"^strategy\.flower\.num_malicious_nodes: Krum tolerates f hostile clients only among n > 2f \+ 2"):
+        validate(compose_config(["strategy=krum", "privacy=trusted", "num_clients=4"]), 50, 100_000)
+    validate(compose_config(["strategy=krum", "privacy=trusted", "num_clients=5"]), 50, 100_000)
