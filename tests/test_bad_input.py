@@ -193,8 +193,9 @@ def test_object_npy_is_refused_without_unpickling(tmp_path):
         (np.ones(D, dtype=np.float32), "expected a 2-D array"),
         (np.zeros((0, D), dtype=np.float32), r"empty \(0 vectors\)"),
         (np.full((10, D), np.nan, dtype=np.float32), "10 vector\\(s\\) contain NaN or inf"),
+        (np.where(np.arange(10)[:, None] == 4, 1e300, np.ones((10, D))), r"1 vector\(s\) too large for float32 \(largest \|value\| 1e\+300"),
     ],
-    ids=["int", "1-d", "empty", "nan"],
+    ids=["int", "1-d", "empty", "nan", "float64-1e300"],
 )
 def test_bad_npy_content(tmp_path, array, message):
     p = tmp_path / "vecs.npy"

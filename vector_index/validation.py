@@ -33,6 +33,14 @@ def check_vectors(x: np.ndarray, *, dim: int | None = None, name: str = "vectors
         raise VectorError(
             f"{name}: {bad.size} vector(s) contain NaN or inf (first rows: {bad[:5].tolist()})"
         )
+    with np.errstate(over="ignore"):
+        sq = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
+    if sq.max() > np.finfo(np.float32).max:  # float32 storage or faiss's float32 distances would overflow
+        bad = np.flatnonzero(sq > np.finfo(np.float32).max)
+        raise VectorError(
+            f"{name}: {bad.size} vector(s) too large for float32 (largest |value| {np.abs(x).max():.3g}; squared norms "
+            f"must stay below {np.finfo(np.float32).max:.3g}; first rows: {bad[:5].tolist()})"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
