@@ -8,6 +8,7 @@ Only ids and distances come back; hits are qualified by the node that holds them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -18,6 +19,7 @@ from flwr.supercore import log
 
 from vector_index.topk import merge_topk
 
+from .reply_checks import InvalidReply, search_reply
 from .state import record_of
 
 
@@ -64,8 +66,9 @@ def refusal_of(reply: Message) -> str | None:
     return f"{r['limit']}: {r['reason']}"
 
 
-def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message], list[int], list[int], dict[int, str]]:
-    """One query message per connected node; returns (answers, answered, missing, refused)."""
+def _send(grid: Grid, content: RecordDict, timeout: float, check: Callable[[RecordDict], None]) -> tuple[list[Message], list[int], list[int], dict[int, str]]:
+    """One query message per connected node; returns (answers, answered, missing,
+    refused). An answer that fails ``check`` is dropped and its node named (as missing)."""
     nodes = sorted(grid.get_node_ids())
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     ok, refused, failed = [], {}, set()
@@ -78,6 +81,12 @@ def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message
             log(WARNING, "query: node %d refused: %s", node, why)
             refused[node] = why
         else:
+            try:
+                check(reply.content)
+            except InvalidReply as e:
+                log(WARNING, "query: reply of node %d rejected: %s", node, e)
+                failed.add(node)
+                continue
             ok.append(reply)
     ok.sort(key=lambda r: r.metadata.src_node_id)  # equal distances merge in node order
     answered = [r.metadata.src_node_id for r in ok]
@@ -95,7 +104,7 @@ def _send(grid: Grid, content: RecordDict, timeout: float) -> tuple[list[Message
 def federated_search(grid: Grid, arrays: ArrayRecord, queries: np.ndarray, k: int, config: ConfigRecord, timeout: float) -> MergedResults:
     """Evaluation: global top-k merged from the per-shard top-k, compressed and exact."""
     content = RecordDict({"arrays": arrays, "queries": record_of({"vectors": queries}), "config": config})
-    ok, answered, missing, refused = _send(grid, content, timeout)
+    ok, answered, missing, refused = _send(grid, content, timeout, lambda c: search_reply(c, queries.shape[0], k, ("compressed.", "exact.")))
     parts: dict[str, list[np.ndarray]] = {}
     for rank, reply in enumerate(ok):
         for key, arr in reply.content["results"].items():
@@ -168,7 +177,13 @@ def search_federation(
     asked = {"k": k, "rerank": int(rerank)} if k else {"radius": float(radius)}
     config = ConfigRecord({**dict(config.items()), "mode": "search", **asked})
     content = RecordDict({"queries": record_of({"vectors": queries}), "config": config})
-    ok, answered, missing, refused = _send(grid, content, timeout)
+
+    def check(c: RecordDict) -> None:
+        search_reply(c, queries.shape[0], k, ("",))
+        if "metrics" not in c.metric_records or not isinstance(c["metrics"].get("model-version"), (int, float)):
+            raise InvalidReply("no model-version in the answer's metrics")
+
+    ok, answered, missing, refused = _send(grid, content, timeout, check)
     nodes = [r.metadata.src_node_id for r in ok]
     res = [{key: a.numpy() for key, a in r.content["results"].items()} for r in ok]
     versions = {n: int(r.content["metrics"]["model-version"]) for n, r in zip(nodes, ok)}

@@ -171,3 +171,32 @@ def init_reply(content: RecordDict, shape: tuple[int, int, int], vector_norm: fl
     if np.linalg.norm(cents, axis=-1).max() > limit:
         raise InvalidReply(f"init centroids: a centroid's norm exceeds {limit:.3g}")
     return cents, counts
+
+
+def search_reply(content: RecordDict, nq: int, k: int | None, keys: tuple[str, ...]) -> None:
+    """A node's search answer: for top-k, ``<key>distances`` / ``<key>ids`` of shape
+    [nq, <= k]; for range search (k None), ``lims`` [nq + 1] delimiting flat arrays.
+    Distances are not NaN or -inf (compressed ones may be slightly negative: IVF-PQ's
+    precomputed tables; faiss pads with FLT_MAX and id -1); ids >= -1."""
+    if "results" not in content.array_records:
+        raise InvalidReply("no 'results' record")
+    res = arrays_of(content.array_records["results"])
+    for prefix in keys:
+        d, i = res.get(prefix + "distances"), res.get(prefix + "ids")
+        if d is None or i is None:
+            raise InvalidReply(f"results lack {prefix}distances / {prefix}ids")
+        if k is None:
+            lims = res.get("lims")
+            if lims is None or lims.shape != (nq + 1,) or lims.dtype.kind not in "iu" or lims[0] != 0 or np.any(np.diff(lims) < 0):
+                raise InvalidReply(f"range results: lims must be {nq + 1} non-decreasing integers from 0")
+            want = (int(lims[-1]),)
+        else:
+            want = (nq, d.shape[1] if d.ndim == 2 else -1)
+            if d.ndim != 2 or d.shape[0] != nq or not 1 <= d.shape[1] <= k:
+                raise InvalidReply(f"{prefix}distances: shape {d.shape}, expected ({nq}, <= {k})")
+        if d.shape != want or i.shape != want:
+            raise InvalidReply(f"{prefix}distances / {prefix}ids: shapes {d.shape} / {i.shape}, expected {want}")
+        if d.dtype.kind != "f" or i.dtype.kind not in "iu":
+            raise InvalidReply(f"{prefix}distances must be floats and {prefix}ids integers (got {d.dtype} / {i.dtype})")
+        if np.isnan(d).any() or np.isneginf(d).any() or (i < -1).any():
+            raise InvalidReply(f"{prefix}distances must not be NaN or -inf, and {prefix}ids must be >= -1")

@@ -145,3 +145,26 @@ def test_hostile_init_replies_are_refused(honest):
             init_reply(RecordDict({"init": record_of(bad)}), shape, exp.data_norm, 0.0, "pq", exp.bounds)
     with pytest.raises(InvalidReply, match="no 'init' record"):
         init_reply(RecordDict({"x": ArrayRecord()}), shape, exp.data_norm, 0.0, "pq", exp.bounds)
+
+
+def _answer(**arrays):
+    return RecordDict({"results": record_of(arrays)})
+
+
+def test_search_answers_are_checked():
+    from fed_app.reply_checks import search_reply
+
+    d, i = np.sort(np.random.default_rng(0).random((3, 5)).astype(np.float32), axis=1), np.arange(15).reshape(3, 5)
+    search_reply(_answer(distances=d, ids=i), 3, 5, ("",))
+    search_reply(_answer(distances=d[:, :2], ids=i[:, :2]), 3, 5, ("",))  # a small shard has fewer hits
+    for bad, match in [(dict(distances=d[:2], ids=i[:2]), r"shape \(2, 5\), expected \(3, <= 5\)"),
+                       (dict(distances=np.where(d > 0.5, np.nan, d), ids=i), "must not be NaN"),
+                       (dict(distances=d, ids=i - 5), "ids must be >= -1"),
+                       (dict(distances=d, ids=i.astype(np.float32)), "ids integers"),
+                       (dict(distances=d), "lack distances / ids")]:
+        with pytest.raises(InvalidReply, match=match):
+            search_reply(_answer(**bad), 3, 5, ("",))
+    lims = np.array([0, 2, 2, 5])
+    search_reply(_answer(lims=lims, distances=d.ravel()[:5], ids=i.ravel()[:5]), 3, None, ("",))
+    with pytest.raises(InvalidReply, match="lims must be 4 non-decreasing"):
+        search_reply(_answer(lims=np.array([0, 3, 2, 5]), distances=d.ravel()[:5], ids=i.ravel()[:5]), 3, None, ("",))
