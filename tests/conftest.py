@@ -27,3 +27,17 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+CLEAN = [*TINY, "privacy=trusted", "num_rounds=8", "save_shards=false", "eval.centralized=false"]
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory) -> dict:
+    """summary.json of an undisturbed CLEAN run (plain protocol, 8 rounds), shared by the
+    fault tests: the hostile-client and the resume tests compare against it."""
+    import json
+
+    from simulations.run import simulate
+
+    return json.loads(simulate(compose_config(CLEAN), tmp_path_factory.mktemp("clean") / "run").read_text())
