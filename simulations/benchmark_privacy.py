@@ -565,7 +565,7 @@ def dp_tables(results: list[dict[str, Any]], epsilons: tuple[float, ...]) -> tup
         t_lam0 = "\n".join([
             "| " + " | ".join(["encoder", "no DP (privacy=secagg)", f"eps={DEFAULT_EPSILON:g} (privacy=secure)", "DP / no DP"]) + " |",
             "|---|---|---|---|",
-            f"| train.lam=10 (default): torch rotation encoder without DP, federated Procrustes under DP | {_fmt(R[(False, None)])} | "
+            f"| train.lam=10 (default): torch rotation encoder without DP, over-relaxed federated Procrustes (train.procrustes_step=4) under DP | {_fmt(R[(False, None)])} | "
             f"{_fmt(R[(False, DEFAULT_EPSILON)])} | {_fmt(R[(False, DEFAULT_EPSILON)] / R[(False, None)], 3)}x |",
             f"| train.lam=0: no encoder (plain PQ on the raw vectors), the same in both arms | {_fmt(R[(True, None)])} | "
             f"{_fmt(R[(True, DEFAULT_EPSILON)])} | {_fmt(R[(True, DEFAULT_EPSILON)] / R[(True, None)], 3)}x |",
@@ -651,7 +651,7 @@ def write_dp_outputs(out: Path, results: list[dict[str, Any]], meta: dict[str, A
         "",
         f"### The noise vs the DP encoder ({LAM0_SETTING}, eps={DEFAULT_EPSILON:g})",
         "",
-        "Under DP the rotation encoder is learned by federated Procrustes on clipped noisy sums; without DP "
+        "Under DP the rotation encoder is learned by over-relaxed federated Procrustes (train.procrustes_step, default 4) on clipped noisy sums; without DP "
         "by the torch encoder (local SGD, FedAvg). With `train.lam=0` neither arm has an encoder, so the "
         "DP / no-DP ratio of that row is the cost of the noise alone (on the codebook statistics).",
         "",
