@@ -29,7 +29,7 @@ from .client_tasks import ESTIMATE_KEYS, index_spec, train_local_codebooks
 from .config import validate
 from .encoder import affine_of, encode, initial_weights, load_encoder
 from .federated_search import federated_search
-from .interrupts import StoppableGrid, check_stop
+from .interrupts import check_stop
 from .local_data import load_dataset
 from .privacy.report import privacy_summary
 from .settings import client_config
@@ -284,7 +284,6 @@ FINAL_KEYS = ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at
 def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     """Run one experiment end to end; returns the path of summary.json."""
     check_fresh_run_dir(out_dir)
-    grid = StoppableGrid(grid)  # type: ignore[assignment]  # a SIGINT/SIGTERM ends every wait for replies
     t0 = time.time()
     data = load_dataset(cfg["data"])
     validate(cfg, data.base.shape[1], data.base.shape[0])

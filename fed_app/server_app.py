@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from .config import compose_config
 from .federation import run_federation
-from .interrupts import Interrupted
+from .interrupts import Interrupted, StoppableGrid
 from .search_mode import run_search
 from .summary import DirtyRunDir, write_failure
 
@@ -29,7 +29,7 @@ def make_server_app(cfg: dict, out_dir: Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir)
+        run_federation(StoppableGrid(grid), cfg, out_dir)  # type: ignore[arg-type]  # a SIGINT/SIGTERM ends every wait
 
     return app
 
@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
     try:
-        print(run_federation(grid, cfg, out_dir), flush=True)
+        print(run_federation(StoppableGrid(grid), cfg, out_dir), flush=True)  # type: ignore[arg-type]
     except DirtyRunDir:
         raise  # another run's directory: write nothing there
     except Exception as exc:
