@@ -124,7 +124,9 @@ def validate(cfg: dict[str, Any], dim: int, num_vectors: int) -> None:
         policy = ClientPolicy.from_mapping(cfg["privacy"], source="privacy group")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients answer at most that many neighbours")
+    need(ev["k"] <= num_vectors, "eval.k", f"{ev['k']} neighbours asked of {num_vectors} base vectors")
+    if ev["protocol"] == "trusted":  # under the private protocol k never leaves a shard
+        need(ev["k"] <= policy.max_k, "eval.k", f"{ev['k']} exceeds privacy.max_k={policy.max_k}: the clients would refuse it")
     mode = cfg["strategy"]["flower"]["codebook_update"]
     f_krum = cfg["strategy"]["flower"].get("num_malicious_nodes")
     if f_krum is not None:

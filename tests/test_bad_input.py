@@ -260,7 +260,7 @@ def test_good_config_passes(good_cfg):
         (["train.lr=abc"], "train.lr", "must be a number > 0, got 'abc'"),
         (["train.lam=-1"], "train.lam", "must be >= 0, got -1"),
         (["num_rounds=2.5"], "num_rounds", "must be an integer >= 1, got 2.5"),
-        (["eval.k=100000"], "eval.k", "100000 exceeds privacy.max_k=100"),
+        (["eval.k=100000"], "eval.k", "100000 neighbours asked of 1500 base vectors"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, why):
