@@ -10,6 +10,7 @@ privacy limits come from its node config (``max-k=100 min-count=5 ...``, default
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -57,7 +58,10 @@ def _unpack(msg: Message, context: Context, pol: ClientPolicy):
     if x.shape[1] != dim:
         raise VectorError(f"this shard holds {x.shape[1]}-d vectors but the federation trains on {dim}-d vectors")
     try:
-        check_model(state, index_spec(cfg), x.shape[1], max_norm(x), pol.model_bounds)
+        # the data bound, rounded up to a power of 2: a refusal (or a probing server's
+        # accept/refuse oracle) reveals at most the exponent of this shard's largest norm
+        bound = 2.0 ** math.ceil(math.log2(max(max_norm(x), 2.0**-126)))
+        check_model(state, index_spec(cfg), x.shape[1], bound, pol.model_bounds)
     except VectorError as e:
         raise Refusal("model", f"the model the server sent is refused: {e}") from None
     return cfg, state, x, ids

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from flwr.app import RecordDict
@@ -51,8 +52,9 @@ class Expected:
         """Relative error of a count rounded to ``examples_digits`` significant digits."""
         return 0.5 * 10.0 ** (1 - self.examples_digits) if self.examples_digits > 0 else 0.0
 
+    @cached_property
     def vector_norm(self) -> float:
-        """Bound on an encoded vector's norm under the encoder sent."""
+        """Bound on an encoded vector's norm under the encoder sent (once per round)."""
         a, b = affine_of(self.encoder)
         return float(np.linalg.norm(a.astype(np.float64), ord=2)) * self.data_norm + float(np.linalg.norm(b))
 
@@ -103,7 +105,7 @@ def train_reply(content: RecordDict, exp: Expected) -> tuple[dict[str, np.ndarra
     wanted = {f"{lvl}.{what}" for lvl in exp.codebooks for what in (("sums", "counts") if exp.mode == "lloyd" else ("centroids",))}
     if set(update) != wanted:
         raise InvalidReply(f"codebook-update holds {sorted(update)}, expected {sorted(wanted)}")
-    norm = exp.vector_norm()
+    norm = exp.vector_norm
     coarse = float(np.linalg.norm(exp.codebooks["coarse"], axis=-1).max()) if "coarse" in exp.codebooks else 0.0
     for level, book in exp.codebooks.items():
         limit = exp.bounds.norm_slack * max_centroid_norm(level, norm, coarse)
@@ -140,7 +142,7 @@ def evaluate_reply(content: RecordDict, exp: Expected) -> None:
         raise InvalidReply("no metrics record")
     m = next(iter(content.metric_records.values()))
     n = _count(m.get("num-examples"), "num-examples", 1.0)
-    top = (exp.bounds.norm_slack * exp.vector_norm()) ** 2
+    top = (exp.bounds.norm_slack * exp.vector_norm) ** 2
     for key, most in (("energy", top), ("distortion", 4 * top)):
         v = m.get(key)
         if not isinstance(v, (int, float)) or not (0.0 <= float(v) <= most):

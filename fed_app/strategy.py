@@ -272,12 +272,13 @@ class CodebookMixin:
         if self.secure is not None:
             return self._aggregate_secure_train(server_round, replies, answered)
         valid = []
+        expected = self._expected(self._sent_model) if self.checks is not None else None
         for msg in replies:
             if msg.has_error():
                 continue
-            if self.checks is not None:
+            if expected is not None:
                 try:
-                    update, n = train_reply(msg.content, self._expected(self._sent_model))
+                    update, n = train_reply(msg.content, expected)
                 except InvalidReply as e:
                     self._reject(server_round, "train", msg, str(e))
                     answered.discard(msg.metadata.src_node_id)
@@ -409,10 +410,10 @@ class CodebookMixin:
             self.latest_evaluate = MetricRecord(evaluate_metrics(result.arrays)) if result.arrays is not None else None
             return self.latest_evaluate
         if self.checks is not None:
-            good = []
+            good, expected = [], self._expected(self._evaluated_model)
             for msg in ok:
                 try:
-                    evaluate_reply(msg.content, self._expected(self._evaluated_model))
+                    evaluate_reply(msg.content, expected)
                     good.append(msg)
                 except InvalidReply as e:
                     self._reject(server_round, "evaluate", msg, str(e))

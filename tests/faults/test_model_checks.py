@@ -117,6 +117,7 @@ def test_a_client_refuses_a_bad_model_by_name_and_keeps_its_shard(tiny, tmp_path
     assert reply.content["refusal"]["limit"] == "model"
     assert "the model the server sent is refused" in reply.content["refusal"]["reason"]
     assert re.search(match, reply.content["refusal"]["reason"]), reply.content["refusal"]["reason"]
+    assert f"{max_norm(data.base):.3g}" not in reply.content["refusal"]["reason"]  # only a power of 2 of the data's norm
     assert not (tmp_path / "shards").exists()  # nothing was written with it
     good = app(_message(cfg, state, message_type, tmp_path / "shards"), context)  # the sound model is still answered
     assert "refusal" not in good.content.config_records, good.content
