@@ -28,26 +28,26 @@ from .privacy.release import Withheld
 from .secagg import client as secagg_client
 from .secagg import fixed_point
 from .secagg.rounds import LAYOUT, SETUP, flatten, layout_record
-from .settings import received_config
+from .experiment import ClientView
+from .settings import received_config, search_request
 from .state import GlobalState, arrays_of, encoder_record, record_of
 
 SESSION_RECORD, INPUT_RECORD, NOISE_RECORD = "secagg-session", "secagg-input", "secagg-noise"  # Context.state
 
 
-def _vectors(cfg: dict, context: Context):
+def _vectors(cfg: ClientView, context: Context):
     from . import shard_store
     from .local_data import client_shard
 
     nc = context.node_config
     if "shard-dir" in nc:
-        return shard_store.shard_vectors(shard_store.shard_path(nc, cfg))
+        return shard_store.shard_vectors(shard_store.shard_path(nc, None))
     return client_shard(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
 
 
 def _unpack(msg: Message, context: Context, pol: ClientPolicy):
     """The config, the global model (refused unless it passes this node's own model
     checks) and this shard's vectors and ids."""
-    from .client_tasks import index_spec
     from .model_guard import check_model, max_norm
 
     cfg = received_config(msg.content["config"])
@@ -61,7 +61,7 @@ def _unpack(msg: Message, context: Context, pol: ClientPolicy):
         # the data bound, rounded up to a power of 2: a refusal (or a probing server's
         # accept/refuse oracle) reveals at most the exponent of this shard's largest norm
         bound = 2.0 ** math.ceil(math.log2(max(max_norm(x), 2.0**-126)))
-        check_model(state, index_spec(cfg), x.shape[1], bound, pol.model_bounds)
+        check_model(state, cfg.index.spec, x.shape[1], bound, pol.model_bounds)
     except VectorError as e:
         raise Refusal("model", f"the model the server sent is refused: {e}") from None
     return cfg, state, x, ids
@@ -185,7 +185,9 @@ def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None
         from . import client_tasks
 
         cfg, state, x, _ = _unpack(msg, context, pol)
-        out = client_tasks.init_centroids(state, x, str(cfg["init-level"]), cfg, pol)
+        if cfg.init_level is None:
+            raise Refusal("config", "init: the message names no init-level")
+        out = client_tasks.init_centroids(state, x, cfg.init_level, cfg, pol)
         content = RecordDict({"init": record_of(out), "metrics": MetricRecord({"num-examples": pol.round_examples(x.shape[0])})})
         return Message(content=content, reply_to=msg)
 
@@ -209,10 +211,10 @@ def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None
         from . import shard_store
 
         cfg, state, x, ids = _unpack(msg, context, pol)
-        path = shard_store.shard_path(context.node_config, cfg)
-        if path is None:
+        path = shard_store.shard_path(context.node_config, cfg.deploy)
+        if path is None or cfg.deploy is None:
             raise VectorError("deploy: no shard-dir in this SuperNode's node config and no deploy.shard-root sent")
-        stats = shard_store.deploy(path, state, x, ids, cfg, int(cfg["deploy"]["model-version"]), pol.model_bounds)
+        stats = shard_store.deploy(path, state, x, ids, cfg, cfg.deploy.model_version, pol.model_bounds)
         for key in ("count", "bytes-on-disk"):  # sizes, reported only as roughly as num-examples
             stats[key] = pol.round_examples(stats[key])
         return Message(content=RecordDict({"metrics": MetricRecord(stats)}), reply_to=msg)
@@ -243,17 +245,17 @@ def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None
         node's grid); else the trusted evaluation protocol, if this node allows it."""
         from . import client_tasks, shard_store
 
-        cfg = received_config(msg.content["config"])
         queries = msg.content["queries"]["vectors"].numpy()
-        if cfg.get("mode") == "search":
-            path = shard_store.shard_path(context.node_config, cfg)
+        if msg.content["config"].get("mode") == "search":
+            req = search_request(msg.content["config"])
+            path = shard_store.shard_path(context.node_config, req.deploy)
             if path is None:
                 raise VectorError("search: this SuperNode has no shard-dir in its node config")
-            if "radius" not in cfg:
-                pol.check_k(int(cfg["k"]))
-                pol.check_candidates(int(cfg.get("rerank", 0)))
+            if req.k is not None:
+                pol.check_k(req.k)
+                pol.check_candidates(req.rerank)
             _spend(context, pol, queries.shape[0])
-            out, version = shard_store.search(path, queries, cfg, pol)
+            out, version = shard_store.search(path, queries, req, pol)
             content = RecordDict({"results": record_of(out), "metrics": MetricRecord({"model-version": version})})
             return Message(content=content, reply_to=msg)
         if not pol.allow_trusted_eval:
@@ -262,10 +264,10 @@ def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None
                 "this node does not answer the trusted evaluation protocol (exact distances to server-chosen "
                 "vectors); it is for simulations only: run with eval.protocol=private",
             )
-        k = int(cfg["eval"]["k"])
+        cfg, state, x, ids = _unpack(msg, context, pol)
+        k = cfg.eval.k
         pol.check_k(k)
         _spend(context, pol, queries.shape[0])
-        cfg, state, x, ids = _unpack(msg, context, pol)
         out = client_tasks.search(state, x, ids, queries, k, cfg)
         return Message(content=RecordDict({"results": record_of(out)}), reply_to=msg)
 

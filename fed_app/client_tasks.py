@@ -8,9 +8,6 @@ for ``none`` (the one-shot init alone) and ``local`` (each shard keeps its own c
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
-
 import faiss
 import numpy as np
 
@@ -18,20 +15,11 @@ from vector_index.quantizers import IndexSpec, build_index, residuals, squared_e
 from vector_index.topk import recall_report
 
 from . import lloyd
+from .experiment import ClientView, Shared
 from .encoder import TrainSettings, encode, load_encoder, train_encoder
 from .privacy import release
 from .privacy.policy import ClientPolicy
 from .state import GlobalState
-
-
-def index_spec(cfg: dict[str, Any]) -> IndexSpec:
-    """The ``index`` config group as an IndexSpec (keys it does not name keep defaults)."""
-    known = {f.name for f in fields(IndexSpec)}
-    return IndexSpec(**{k: v for k, v in cfg["index"].items() if k in known})
-
-
-def codebook_mode(cfg: dict[str, Any]) -> str:
-    return str(cfg["strategy"]["flower"]["codebook_update"])
 
 
 def level_input(z: np.ndarray, level: str, codebooks: dict[str, np.ndarray]) -> np.ndarray:
@@ -76,43 +64,43 @@ def cell_means(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nda
     return means.astype(np.float32), counts
 
 
-def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: Shared) -> dict[str, np.ndarray]:
     """The codebooks this shard encodes with: the global ones, or (local mode) its own,
     trained on its vectors encoded with the current global encoder."""
-    if codebook_mode(cfg) == "local":
+    if cfg.codebook_update == "local":
         z = encode(load_encoder(state.encoder), x)
-        return train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
+        return train_local_codebooks(z, spec, cfg.init.kmeans_iters, cfg.seed)
     return {level: state.codebooks[level] for level in spec.levels}
 
 
-def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: dict[str, Any], policy: ClientPolicy) -> dict[str, np.ndarray]:
+def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: Shared, policy: ClientPolicy) -> dict[str, np.ndarray]:
     """One-shot init, client side: local k-means per sub-space, centroids + counts.
 
     Only centroids supported by ``min_count`` vectors leave; a small shard asks for at
     most ``n // min_count`` of them, and their counts (the server's weights) are rounded.
     """
     z = encode(load_encoder(state.encoder), x)
-    spec = index_spec(cfg)
+    spec = cfg.index.spec
     m, k, _ = spec.level_shape(level, z.shape[1])
-    local_k = release.init_k(x.shape[0], k if level == "coarse" else int(cfg["init"]["local_k"]), policy.min_count)
+    local_k = release.init_k(x.shape[0], k if level == "coarse" else cfg.init.local_k, policy.min_count)
     zl = level_input(z, level, state.codebooks)
-    cents, _ = lloyd.local_centroids(zl, m, local_k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
+    cents, _ = lloyd.local_centroids(zl, m, local_k, cfg.init.kmeans_iters, cfg.seed)
     cents, counts = cell_means(zl, cents)
     cents, counts = release.supported_centroids(cents, counts, policy.min_count)
     return {"centroids": cents, "counts": policy.round_counts(counts).astype(np.int32)}
 
 
 def codebook_update(
-    z: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: dict[str, Any], policy: ClientPolicy
+    z: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: ClientView, policy: ClientPolicy
 ) -> tuple[dict[str, np.ndarray], int]:
     """What the server needs to move the global codebooks, keyed ``<level>.<what>``,
     and how many small cells were withheld."""
-    mode = codebook_mode(cfg)
-    seed = int(cfg["seed"])
+    mode = cfg.codebook_update
+    seed = cfg.seed
     if mode in ("none", "local"):
         return {}, 0
     if mode == "average_independent":
-        own = train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), seed + int(cfg["server-round"]), policy.min_count)
+        own = train_local_codebooks(z, spec, cfg.init.kmeans_iters, seed + (cfg.server_round or 0), policy.min_count)
         return {f"{level}.centroids": c for level, c in own.items()}, 0
     update: dict[str, np.ndarray] = {}
     withheld = 0
@@ -125,7 +113,7 @@ def codebook_update(
             update[f"{level}.sums"] = sums.astype(np.float32)
             update[f"{level}.counts"] = counts.astype(np.int32)
         elif mode == "average_refined":
-            iters = int(cfg["strategy"]["flower"]["local_iters"])
+            iters = cfg.strategy.flower.local_iters  # the schema requires it for average_refined
             refined, counts = lloyd.local_refinement(zl, books[level], iters, seed)
             update[f"{level}.centroids"] = release.keep_unsupported_at(books[level], refined, counts, policy.min_count)
             withheld += int((counts < policy.min_count).sum())
@@ -135,23 +123,18 @@ def codebook_update(
 
 
 def train(
-    state: GlobalState, x: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy
+    state: GlobalState, x: np.ndarray, cfg: ClientView, policy: ClientPolicy
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """Train the encoder locally, then compute this strategy's codebook update.
 
     Returns (encoder weights, codebook update arrays, metrics).
     """
     release.check_shard_size(x.shape[0], policy.min_count)
-    spec = index_spec(cfg)
-    t = cfg["train"]
+    spec = cfg.index.spec
+    t = cfg.train
     settings = TrainSettings(
-        epochs=int(t["local_epochs"]),
-        batch_size=int(t["batch_size"]),
-        lr=float(t["lr"]),
-        lam=float(t["lam"]),
-        gamma=float(t["gamma"]),
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-        seed=int(cfg["seed"]) * 100_003 + int(cfg["server-round"]),
+        epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, lam=t.lam, gamma=t.gamma,
+        proximal_mu=cfg.proximal_mu or 0.0, seed=cfg.seed * 100_003 + (cfg.server_round or 0),
     )
     books = shard_codebooks(state, x, spec, cfg)
     weights, losses = train_encoder(state.encoder, x, [books[lvl] for lvl in spec.levels], settings)
@@ -164,7 +147,7 @@ def train(
 ESTIMATE_KEYS = ("recall_1_at_1", "recall_1_at_10", "recall_10_at_10")
 
 
-def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> dict[str, float]:
+def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: Shared, policy: ClientPolicy) -> dict[str, float]:
     """The shard's privacy-safe evaluation: aggregates over all its vectors only.
 
     - mean ||z - q(z)||^2 and ||z||^2 (weighted by num-examples they average to the union);
@@ -172,7 +155,7 @@ def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, 
       index of the others, scored against exact search on them, all locally.
     """
     release.check_shard_size(x.shape[0], policy.min_count)
-    spec = index_spec(cfg)
+    spec = cfg.index.spec
     z = encode(load_encoder(state.encoder), x)
     books = shard_codebooks(state, x, spec, cfg)
     sse = float(squared_errors(z, books).sum()) if books else 0.0
@@ -187,20 +170,20 @@ def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, 
 
 
 def local_recall(
-    z: np.ndarray, x: np.ndarray, ids: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: dict[str, Any], policy: ClientPolicy
+    z: np.ndarray, x: np.ndarray, ids: np.ndarray, books: dict[str, np.ndarray], spec: IndexSpec, cfg: Shared, policy: ClientPolicy
 ) -> dict[str, float]:
     """Recall of this shard's compressed index on a held-out sample of its own vectors.
 
     ``estimate.queries`` is 0 (and the recalls 0) when the shard is too small to hold
     out ``min_count`` queries and still have k vectors to search.
     """
-    k = int(cfg["eval"]["k"])
+    k = cfg.eval.k
     n = x.shape[0]
-    nq = min(int(cfg["eval"]["local_queries"]), n // 2)
+    nq = min(cfg.eval.local_queries, n // 2)
     if nq < policy.min_count or n - nq < k:
         return {"estimate.queries": 0.0, **{f"estimate.{key}": 0.0 for key in ESTIMATE_KEYS}}
     held = np.zeros(n, dtype=bool)
-    held[np.random.default_rng(int(cfg["seed"])).choice(n, nq, replace=False)] = True
+    held[np.random.default_rng(cfg.seed).choice(n, nq, replace=False)] = True
     index = build_index(spec, z[~held], ids[~held], books)
     _, found = index.search(z[held], k)
     exact = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
@@ -210,12 +193,12 @@ def local_recall(
     return {"estimate.queries": policy.round_examples(nq), **{f"estimate.{key}": report[key] for key in ESTIMATE_KEYS}}
 
 
-def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, cfg: Shared) -> dict[str, np.ndarray]:
     """Local top-k of every query: from the compressed index and exactly on raw vectors.
 
     Only ids and distances leave the client.
     """
-    spec = index_spec(cfg)
+    spec = cfg.index.spec
     model = load_encoder(state.encoder)
     z, zq = encode(model, x), encode(model, queries)
     index = build_index(spec, z, ids, shard_codebooks(state, x, spec, cfg))

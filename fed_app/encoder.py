@@ -27,8 +27,6 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int, kind: str) -> None:
         super().__init__()
-        if kind not in ENCODER_KINDS:
-            raise ValueError(f"encoder kind {kind!r} must be one of {ENCODER_KINDS}")
         self.linear = nn.Linear(dim, dim, bias=kind == "affine")
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(dim))
@@ -41,7 +39,6 @@ class Encoder(nn.Module):
         return self.linear(x)
 
 
-ENCODER_KINDS = ("affine", "rotation")
 ROTATION_KEY = "linear.parametrizations.weight.original"
 
 

@@ -20,13 +20,13 @@ from flwr.supercore import log
 from hydra.utils import instantiate
 
 from vector_index.datasets import Dataset, load_npy_file
-from vector_index.model_checks import ModelBounds
 from vector_index.quantizers import IndexSpec, train_reference_index
 from vector_index.topk import recall_report
 
 from . import checkpoint, lloyd
-from .client_tasks import ESTIMATE_KEYS, index_spec, train_local_codebooks
-from .config import validate
+from .client_tasks import ESTIMATE_KEYS, train_local_codebooks
+from .config import load_experiment, validate
+from .experiment import Experiment
 from .encoder import affine_of, encode, initial_weights, load_encoder
 from .federated_search import federated_search
 from .interrupts import check_stop
@@ -57,7 +57,7 @@ def wait_for_nodes(grid: Grid, n: int, wait_s: float) -> list[int]:
 
 
 def initialise_codebooks(
-    grid: Grid, state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], timeout: float, withheld: dict[int, str], checks: ModelChecks, rejected: list[dict]
+    grid: Grid, state: GlobalState, spec: IndexSpec, cfg: Experiment, timeout: float, withheld: dict[int, str], checks: ModelChecks, rejected: list[dict]
 ) -> int:
     """One-shot init: clients send local centroids supported by >= min-count vectors,
     with rounded counts; the server clusters them, weighted (k-FED style).
@@ -110,22 +110,22 @@ def initialise_codebooks(
                 f"the codebook needs K={k}; raise init.local_k, use init.source=public, or use fewer bits/lists"
             )
         nbytes += [record_nbytes(r.content["init"]) for r in ok]
-        state.codebooks[level] = lloyd.weighted_merge(cents, counts, k, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"]))
+        state.codebooks[level] = lloyd.weighted_merge(cents, counts, k, cfg.init.kmeans_iters, cfg.seed)
         log(INFO, "init %s: %d clients sent %d supported local centroids per sub-space (fewest from one client: %d) -> K=%d",
             level, len(ok), total, supported, k)
     return int(np.mean(nbytes)) if nbytes else 0
 
 
-def load_public_vectors(cfg: dict[str, Any], data: Dataset) -> np.ndarray:
+def load_public_vectors(cfg: Experiment, data: Dataset) -> np.ndarray:
     """The server's own vectors: ``init.public_path``, else the public (held-out) queries."""
-    path = cfg["init"].get("public_path")
-    return load_npy_file(str(path), name="init.public_path") if path else data.queries
+    path = cfg.init.public_path
+    return load_npy_file(path, name="init.public_path") if path else data.queries
 
 
-def public_init(state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], data: Dataset) -> int:
+def public_init(state: GlobalState, spec: IndexSpec, cfg: Experiment, data: Dataset) -> int:
     """Init from public vectors (``init.public_path``, else the public queries): faiss
     k-means on the server, nothing asked of any client. Returns the vectors used."""
-    path = cfg["init"].get("public_path")
+    path = cfg.init.public_path
     public = load_public_vectors(cfg, data)
     if public.shape[1] != _dim(state):
         raise ValueError(f"init.public_path: {public.shape[1]}-d vectors but the federation trains on {_dim(state)}-d vectors")
@@ -133,12 +133,12 @@ def public_init(state: GlobalState, spec: IndexSpec, cfg: dict[str, Any], data: 
     if public.shape[0] < most:
         raise ValueError(f"init.source=public: {public.shape[0]} public vectors cannot seed {most} centroids")
     z = encode(load_encoder(state.encoder), public)
-    state.codebooks.update(train_local_codebooks(z, spec, int(cfg["init"]["kmeans_iters"]), int(cfg["seed"])))
+    state.codebooks.update(train_local_codebooks(z, spec, cfg.init.kmeans_iters, cfg.seed))
     log(INFO, "init: codebooks from %d public vectors (%s); no client statistics used", public.shape[0], path or "the held-out queries")
     return int(public.shape[0])
 
 
-def deploy_model(grid: Grid, arrays: ArrayRecord, cfg: dict[str, Any], out_dir: Path, model_version: int, timeout: float) -> dict[str, Any]:
+def deploy_model(grid: Grid, arrays: ArrayRecord, cfg: Experiment, out_dir: Path, model_version: int, timeout: float) -> dict[str, Any]:
     """After the last round: every client re-encodes its shard with the final global model
     and saves it (deployment: its ``shard-dir``; simulation: ``<out_dir>/shards``)."""
     nodes = sorted(grid.get_node_ids())
@@ -207,12 +207,12 @@ class RoundEvaluator:
     per-query answers. In deployment the estimate is all there is.
     """
 
-    def __init__(self, grid: Grid, strategy: Any, cfg: dict[str, Any], data: Dataset, timeout: float) -> None:
+    def __init__(self, grid: Grid, strategy: Any, cfg: Experiment, data: Dataset, timeout: float) -> None:
         self.grid, self.strategy, self.cfg, self.data, self.timeout = grid, strategy, cfg, data, timeout
         self.rounds: list[dict[str, float]] = []
         self.truth: np.ndarray | None = None
         self.source = SOURCE_ESTIMATE
-        self.trusted = cfg["eval"]["protocol"] == "trusted"
+        self.trusted = cfg.eval.protocol == "trusted"
         self.t0 = time.time()
         self._initial: ArrayRecord | None = None  # round 0's model, until we know whether the shards are simulated
         self.out_dir: Path | None = None  # where the checkpoint goes after every round
@@ -235,8 +235,7 @@ class RoundEvaluator:
             row["estimate.distortion"] = float(ev["distortion"])
             row["estimate.relative_distortion"] = float(ev["distortion"]) / max(float(ev["energy"]), 1e-30)
             row.update({f"estimate.{key}": float(ev[f"estimate.{key}"]) for key in ESTIMATE_KEYS if f"estimate.{key}" in ev})
-        every = int(self.cfg["eval"]["every"])
-        if server_round % every == 0 or server_round == int(self.cfg["num_rounds"]):
+        if server_round % self.cfg.eval.every == 0 or server_round == self.cfg.num_rounds:
             row.update(self._truth_or_estimate(server_round, arrays, row))
         row.update(self.strategy.round_log.get(server_round, {}))
         row["elapsed_s"] = round(time.time() - self.t0, 2)
@@ -249,18 +248,18 @@ class RoundEvaluator:
         log(
             INFO,
             "[fedvec] round %d/%d  distortion %.4f  10-R@10 %s (private estimate %s)  (%.1fs)",
-            server_round, self.cfg["num_rounds"], row.get("distortion", row.get("estimate.distortion", float("nan"))),
+            server_round, self.cfg.num_rounds, row.get("distortion", row.get("estimate.distortion", float("nan"))),
             f"{row['recall_10_at_10']:.4f}" if "recall_10_at_10" in row else "-",
             f"{row['estimate.recall_10_at_10']:.4f}" if "estimate.recall_10_at_10" in row else "-", row["elapsed_s"],
         )
         if server_round > 0 and self.out_dir is not None:  # after every round, atomically
             logs = {"strategy": self.strategy.checkpoint_logs(), "rounds": self.rounds, "source": self.source,
                     "wall_s": round(time.time() - self.t0, 2) + self.resumed_wall_s, "init": self.init_info}
-            checkpoint.save(self.out_dir, server_round, self.cfg, arrays_of(arrays), self.strategy.moments(), logs)
+            checkpoint.save(self.out_dir, server_round, self.cfg.as_dict(), arrays_of(arrays), self.strategy.moments(), logs)
         return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
     def _truth_or_estimate(self, server_round: int, arrays: ArrayRecord, row: dict[str, float]) -> dict[str, float]:
-        k = int(self.cfg["eval"]["k"])
+        k = self.cfg.eval.k
         if self.trusted:
             res = federated_search(self.grid, arrays, self.data.queries, k, client_config(self.cfg), self.timeout)
             out = recall_report(res.compressed[1], res.exact[1])
@@ -281,65 +280,65 @@ class RoundEvaluator:
 FINAL_KEYS = ("distortion", "relative_distortion", "recall_1_at_1", "recall_1_at_10", "recall_10_at_10")
 
 
-def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
+def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Path) -> Path:
     """Run one experiment end to end; returns the path of summary.json."""
     check_fresh_run_dir(out_dir)
     t0 = time.time()
-    data = load_dataset(cfg["data"])
+    cfg = load_experiment(config)  # types and ranges, before the data is even loaded
+    data = load_dataset(cfg.data)
     validate(cfg, data.base.shape[1], data.base.shape[0])
-    spec = index_spec(cfg)
-    timeout = float(cfg["timeout_s"])
-    wait_for_nodes(grid, int(cfg["num_clients"]), float(cfg["nodes_wait_s"]))
-    if cfg["eval"]["protocol"] == "trusted":
+    spec = cfg.index.spec
+    timeout = cfg.timeout_s
+    wait_for_nodes(grid, cfg.num_clients, cfg.nodes_wait_s)
+    if cfg.eval.protocol == "trusted":
         log(WARNING, "eval.protocol=trusted: every shard returns exact distances to the evaluation queries; "
             "simulation research mode only, recorded in final.privacy (deployed SuperNodes refuse it)")
 
-    state = GlobalState(encoder=initial_weights(data.base.shape[1], str(cfg["model"]["kind"])))
-    local = cfg["strategy"]["flower"]["codebook_update"] == "local"
+    state = GlobalState(encoder=initial_weights(data.base.shape[1], cfg.model.kind))
+    local = cfg.codebook_update == "local"
     init_withheld: dict[int, str] = {}
-    p = cfg["privacy"]
+    p = cfg.privacy.limits
     checks = ModelChecks(
         spec=spec, dim=data.base.shape[1], data_norm=max_norm(load_public_vectors(cfg, data)),
-        bounds=ModelBounds(float(p["model_max_gain"]), float(p["model_orthogonal_tol"]), float(p["model_norm_slack"])),
-        examples_digits=int(p["examples_digits"]), min_count=int(p["min_count"]),
+        bounds=p.model_bounds, examples_digits=p.examples_digits, min_count=p.min_count,
     )
     init_rejected: list[dict] = []
     init_bytes, public_vectors = 0, 0
-    resumed = checkpoint.load(Path(str(cfg["resume"])).expanduser(), cfg) if cfg.get("resume") else None
+    resumed = checkpoint.load(Path(cfg.resume).expanduser(), cfg.as_dict()) if cfg.resume else None
     if resumed is not None:  # the model and the init's record come from the checkpoint
-        if resumed.round >= int(cfg["num_rounds"]):
-            raise checkpoint.CheckpointError(f"resume={cfg['resume']}: that run finished all {cfg['num_rounds']} rounds; nothing to resume")
+        if resumed.round >= cfg.num_rounds:
+            raise checkpoint.CheckpointError(f"resume={cfg.resume}: that run finished all {cfg.num_rounds} rounds; nothing to resume")
         state = GlobalState.from_record(record_of(resumed.model))
         init = resumed.logs["init"]
         init_bytes, public_vectors, init_withheld = init["bytes"], init["public_vectors"], {int(n): w for n, w in init["withheld"].items()}
         init_rejected = init["rejected"]
-        log(INFO, "resume: continuing %s after round %d of %d", cfg["resume"], resumed.round, cfg["num_rounds"])
-    elif not local and cfg["init"]["source"] == "public":
+        log(INFO, "resume: continuing %s after round %d of %d", cfg.resume, resumed.round, cfg.num_rounds)
+    elif not local and cfg.init.source == "public":
         public_vectors = public_init(state, spec, cfg, data)
     elif not local:
         init_bytes = initialise_codebooks(grid, state, spec, cfg, timeout, init_withheld, checks, init_rejected)
 
     strategy = instantiate(
-        cfg["strategy"]["flower"],
-        fraction_train=float(cfg["fraction_train"]),
+        cfg.strategy.flower.kwargs(),
+        fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=int(cfg["min_clients"]),  # Flower waits (forever) for this many
-        min_replies=int(cfg["min_clients"]),
-        seed=int(cfg["seed"]),
+        min_available_nodes=cfg.min_clients,  # Flower waits (forever) for this many
+        min_replies=cfg.min_clients,
+        seed=cfg.seed,
     )
     strategy.use_model_checks(checks)
     strategy.rejected.extend(init_rejected)
-    if p["secure_aggregation"]:
+    if p.secure_aggregation:
         strategy.use_secure_aggregation(SecureSettings(
-            threshold=float(p["secagg_threshold"]), min_clients=max(int(p["secagg_min_clients"]), int(cfg["min_clients"])),
-            dp=float(p["dp_epsilon"]) > 0, empty_sigmas=float(p["dp_empty_sigmas"]), num_rounds=int(cfg["num_rounds"]), timeout=timeout,
-            procrustes_step=float(cfg["train"]["procrustes_step"]),
+            threshold=p.secagg_threshold, min_clients=max(p.secagg_min_clients, cfg.min_clients),
+            dp=p.dp, empty_sigmas=cfg.privacy.dp_empty_sigmas, num_rounds=cfg.num_rounds, timeout=timeout,
+            procrustes_step=cfg.train.procrustes_step,
         ))
-    elif cfg["privacy"]["name"] in ("trusted", "off"):
+    else:
         log(WARNING, "privacy=%s: every client's statistics reach the server unmasked (research simulation only; "
-            "deployed SuperNodes refuse it)", cfg["privacy"]["name"])
+            "deployed SuperNodes refuse it)", cfg.privacy.name)
     evaluator = RoundEvaluator(grid, strategy, cfg, data, timeout)
     evaluator.out_dir = out_dir
     evaluator.init_info = {"bytes": init_bytes, "public_vectors": public_vectors, "withheld": {str(n): w for n, w in init_withheld.items()},
@@ -350,7 +349,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     result = strategy.start(
         grid,
         state.to_record(),
-        num_rounds=int(cfg["num_rounds"]) - (resumed.round if resumed else 0),
+        num_rounds=cfg.num_rounds - (resumed.round if resumed else 0),
         timeout=timeout,
         train_config=client_config(cfg),
         evaluate_config=client_config(cfg),
@@ -359,7 +358,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
     final_state = GlobalState.from_record(result.arrays)
     model_version = int(t0)  # seconds since the epoch: newer models have larger versions
     model_path = save_global_model(final_state, model_version, out_dir)
-    deployed = deploy_model(grid, result.arrays, cfg, out_dir, model_version, timeout) if cfg["save_shards"] else None
+    deployed = deploy_model(grid, result.arrays, cfg, out_dir, model_version, timeout) if cfg.save_shards else None
     final_row = evaluator.rounds[-1]
     federated = {k: final_row[k] for k in FINAL_KEYS if k in final_row}
     federated["source"] = evaluator.source
@@ -376,19 +375,19 @@ def run_federation(grid: Grid, cfg: dict[str, Any], out_dir: Path) -> Path:
         "bytes_up_per_client_init": init_bytes,
         "privacy": privacy_summary(cfg, strategy, init_withheld, public_vectors),
     }
-    if cfg["eval"]["centralized"]:
+    if cfg.eval.centralized:
         check_stop()
         if strategy.all_simulated:
-            truth = evaluator.truth if evaluator.truth is not None else exact_neighbours(data, int(cfg["eval"]["k"]))
-            final["centralized"] = reference_metrics(spec, data, truth, int(cfg["eval"]["k"]), int(cfg["seed"]))
+            truth = evaluator.truth if evaluator.truth is not None else exact_neighbours(data, cfg.eval.k)
+            final["centralized"] = reference_metrics(spec, data, truth, cfg.eval.k, cfg.seed)
         else:
             log(WARNING, "eval.centralized: skipped, the shards are not the simulator's (no pooled data exists to train on)")
     summary = {
         "final": final,
         "rounds": evaluator.rounds,
-        "config": cfg,
+        "config": cfg.as_dict(),
         "wall_time_s": round(time.time() - t0 + evaluator.resumed_wall_s, 2),
-        "resumed_from": {"run_dir": str(cfg["resume"]), "round": resumed.round} if resumed else None,
+        "resumed_from": {"run_dir": cfg.resume, "round": resumed.round} if resumed else None,
         "global_model": str(model_path),
         "deployed": deployed,
         "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},

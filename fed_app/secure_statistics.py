@@ -18,7 +18,6 @@ With DP (``privacy=secure``) each array has an L2 sensitivity to one vector:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +26,14 @@ from vector_index.quantizers import reconstruct, squared_errors
 
 from . import client_tasks, lloyd
 from .encoder import ROTATION_KEY, encode, load_encoder, weights_of
+from .experiment import ClientView, Shared
 from .privacy import dp
 from .privacy.policy import ClientPolicy, Refusal
 
 LOSS_KEYS = ("task_loss", "pq_loss", "l1_loss")
 
 
-def train_statistics(state, x: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def train_statistics(state, x: np.ndarray, cfg: ClientView, policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(arrays to sum, their sensitivities); sensitivities are 0 without DP."""
     if policy.dp_epsilon > 0:
         return _dp_train(state, x, cfg, policy)
@@ -50,18 +50,18 @@ def train_statistics(state, x: np.ndarray, cfg: dict[str, Any], policy: ClientPo
     return stats, {k: 0.0 for k in stats}
 
 
-def _dp_train(state, x: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    mode = client_tasks.codebook_mode(cfg)
+def _dp_train(state, x: np.ndarray, cfg: ClientView, policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    mode = cfg.codebook_update
     if mode.startswith("average"):
         raise Refusal(
             "dp-epsilon",
             f"codebook_update={mode} sends locally trained codebooks, which one vector can move without bound: "
             "no DP guarantee is possible; run this baseline with privacy=secagg",
         )
-    learn_encoder = float(cfg["train"]["lam"]) > 0
+    learn_encoder = cfg.train.lam > 0
     if learn_encoder and ROTATION_KEY not in state.encoder:
         raise Refusal("dp-epsilon", "under DP the encoder moves by federated Procrustes, which needs model=rotation (or train.lam=0)")
-    spec = client_tasks.index_spec(cfg)
+    spec = cfg.index.spec
     c = policy.dp_clip
     books = client_tasks.shard_codebooks(state, x, spec, cfg)
     z = encode(load_encoder(state.encoder), x)
@@ -80,8 +80,8 @@ def _dp_train(state, x: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -
     return stats, sens
 
 
-def evaluate_statistics(state, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    spec = client_tasks.index_spec(cfg)
+def evaluate_statistics(state, x: np.ndarray, ids: np.ndarray, cfg: Shared, policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    spec = cfg.index.spec
     z = encode(load_encoder(state.encoder), x)
     books = client_tasks.shard_codebooks(state, x, spec, cfg)
     err = squared_errors(z, books) if books else np.zeros(x.shape[0])

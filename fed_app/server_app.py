@@ -16,14 +16,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from .config import compose_config
+from .config import compose_config, load_experiment
+from .experiment import Experiment
 from .federation import run_federation
 from .interrupts import Interrupted, StoppableGrid
 from .search_mode import run_search
 from .summary import DirtyRunDir, write_failure
 
 
-def make_server_app(cfg: dict, out_dir: Path) -> ServerApp:
+def make_server_app(cfg: Experiment, out_dir: Path) -> ServerApp:
     """A ServerApp closed over an already composed config (used by simulations.run)."""
     app = ServerApp()
 
@@ -40,12 +41,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    cfg = compose_config(str(rc.get("overrides", "")))
+    cfg = load_experiment(compose_config(str(rc.get("overrides", ""))))
     mode = str(rc.get("mode", "train"))
     if mode not in ("train", "search"):
         raise ValueError(f"run config mode={mode!r}: use \"train\" or \"search\"")
     if mode == "search":
-        print(run_search(grid, dict(rc), float(cfg["timeout_s"])), flush=True)
+        print(run_search(grid, dict(rc), cfg.timeout_s), flush=True)
         return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
     try:

@@ -1,7 +1,11 @@
-"""What the server tells clients: a flat ConfigRecord built from the composed config.
+"""What the server tells clients: a flat ConfigRecord built from the Experiment, and a
+client's typed parse of it.
 
-Clients never read Hydra. The server flattens the parts they need into dotted keys
-(``train.lr``, ``index.m``, ...) and clients rebuild a nested dict from them.
+Clients never read Hydra. The server flattens the sections clients need into dotted
+keys (``train.lr``, ``index.m``, ...); a client rebuilds the tree and checks it against
+the same schema (``fed_app.experiment``) before it touches its shard: a config that
+does not parse is refused, whoever sent it. A data set or partition is only ever one
+of the schema's loaders, so a message cannot make a client call an arbitrary function.
 """
 
 from __future__ import annotations
@@ -10,11 +14,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-CLIENT_SECTIONS = ("data", "partition", "index", "model", "train", "init", "eval", "strategy")
-
-# Functions a client may be asked to call to load its simulated shard: a ConfigRecord
-# comes from the network, so a client never instantiates an arbitrary ``_target_``.
-ALLOWED_TARGET_PREFIXES = ("vector_index.datasets.", "vector_index.partition.")
+from .experiment import ClientView, ConfigError, Experiment, SearchRequest, Shared, parse
+from .privacy.policy import Refusal
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -35,23 +36,36 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(parents)} is both a value and a section")
         node[leaf] = value
     return tree
 
 
-def client_config(cfg: dict[str, Any]) -> ConfigRecord:
+def client_config(exp: Experiment) -> ConfigRecord:
     """The ConfigRecord every train/evaluate/query message carries."""
-    tree = {k: cfg[k] for k in CLIENT_SECTIONS if k in cfg}
-    tree["num_clients"] = cfg["num_clients"]
-    tree["seed"] = cfg["seed"]
-    return ConfigRecord(flatten(tree))
+    return ConfigRecord(flatten(exp.model_dump(by_alias=True, exclude_none=True, include=set(Shared.model_fields))))
 
 
-def received_config(record: ConfigRecord) -> dict[str, Any]:
-    return unflatten(dict(record.items()))
+def received_config(record: ConfigRecord) -> ClientView:
+    """A message's config as this client's typed view; refused if it does not parse."""
+    try:
+        return parse(ClientView, unflatten(dict(record.items())), what="server's config")
+    except ConfigError as e:
+        raise Refusal("config", f"the config the server sent is refused: {e}") from None
 
 
-def check_target(spec: dict[str, Any]) -> None:
-    target = str(spec.get("_target_", ""))
-    if not target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise ValueError(f"refusing to call {target!r}: not a fedvec data loader or partitioner")
+def search_request(record: ConfigRecord) -> SearchRequest:
+    try:
+        return parse(SearchRequest, unflatten(dict(record.items())), what="search request")
+    except ConfigError as e:
+        raise Refusal("config", f"the search request is refused: {e}") from None
+
+
+def client_view(exp: Experiment, **extra: Any) -> ClientView:
+    """What a client receives for ``exp`` (plus per-message keys such as
+    ``server-round``): the same path as over the network."""
+    record = client_config(exp)
+    for key, value in extra.items():
+        record[key] = value
+    return received_config(record)

@@ -17,7 +17,8 @@ from vector_index.store import Shard
 from vector_index.topk import rerank_exact
 from vector_index.validation import VectorError
 
-from .client_tasks import index_spec, shard_codebooks
+from .client_tasks import shard_codebooks
+from .experiment import ClientView, SearchRequest, ShardRoot
 from .encoder import affine_of
 from .privacy.policy import ClientPolicy, Refusal
 
@@ -25,13 +26,12 @@ RAW_KINDS = ("flat", "hnsw")  # index kinds that store raw vectors: their distan
 from .state import GlobalState
 
 
-def shard_path(node_config: dict[str, Any], cfg: dict[str, Any]) -> Path | None:
+def shard_path(node_config: dict[str, Any], where: ShardRoot | None) -> Path | None:
     """The node's own shard directory, else the simulation's per-partition one."""
     if "shard-dir" in node_config:
         return Path(str(node_config["shard-dir"])).expanduser()
-    root = cfg.get("deploy", {}).get("shard-root")
-    if root and "partition-id" in node_config:
-        return Path(str(root)) / f"client-{int(node_config['partition-id'])}"
+    if where is not None and "partition-id" in node_config:
+        return Path(where.shard_root) / f"client-{int(node_config['partition-id'])}"
     return None
 
 
@@ -48,12 +48,12 @@ def shard_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return shard.vectors(ids), ids
 
 
-def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: dict[str, Any], model_version: int, bounds: ModelBounds) -> dict[str, float]:
+def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: ClientView, model_version: int, bounds: ModelBounds) -> dict[str, float]:
     """Re-encode the shard with the final global model and save it atomically.
 
     A simulated client with no shard yet creates one from its partition first.
     """
-    spec = index_spec(cfg)
+    spec = cfg.index.spec
     if (path / "CURRENT").is_file():
         shard = Shard.open(path)
         if shard.spec.kind != spec.kind:
@@ -68,7 +68,7 @@ def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: 
     return {"count": float(stats["count"]), "version": float(version), "model-version": float(model_version), "bytes-on-disk": float(stats["bytes_on_disk"])}
 
 
-def search(path: Path, queries: np.ndarray, cfg: dict[str, Any], policy: ClientPolicy) -> tuple[dict[str, np.ndarray], int]:
+def search(path: Path, queries: np.ndarray, req: SearchRequest, policy: ClientPolicy) -> tuple[dict[str, np.ndarray], int]:
     """Top-k (``k``) or range (``radius``) hits of the persisted, encoded shard.
 
     Distances are those of the compressed codes (never of the raw vectors), rounded to
@@ -85,12 +85,12 @@ def search(path: Path, queries: np.ndarray, cfg: dict[str, Any], policy: ClientP
             f"this shard's index ({shard.spec.kind}) stores raw vectors, so its distances to a query would be exact; "
             "it answers searches only with a compressed index (pq, ivfpq, hnswpq, opqpq)",
         )
-    if "radius" in cfg:
-        lims, d, i = shard.range_search(queries, float(cfg["radius"]))
+    if req.radius is not None:
+        lims, d, i = shard.range_search(queries, req.radius)
         policy.check_range(lims)
         return {"lims": lims.astype(np.int64), "distances": policy.round_distances(d), "ids": i}, int(shard.model_version)
-    k = int(cfg["k"])
-    rerank = min(int(cfg.get("rerank", 0)), len(shard))
+    k = int(req.k)  # type: ignore[arg-type]  # the request has k or radius
+    rerank = min(req.rerank, len(shard))
     if rerank > k:  # exact re-ranking of the compressed candidates, here, on raw vectors
         d, i = shard.search(queries, rerank)
         raw = np.zeros((*i.shape, shard.dim), dtype=np.float32)

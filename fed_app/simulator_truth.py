@@ -9,7 +9,6 @@ private estimate stands in (summary.json says which one a figure is).
 
 from __future__ import annotations
 
-from typing import Any
 
 import faiss
 import numpy as np
@@ -18,7 +17,8 @@ from vector_index.datasets import Dataset
 from vector_index.quantizers import build_index, squared_errors
 from vector_index.topk import merge_topk, recall_report
 
-from .client_tasks import codebook_mode, index_spec, shard_codebooks
+from .client_tasks import shard_codebooks
+from .experiment import Shared
 from .encoder import encode, load_encoder
 from .local_data import client_partitions
 from .state import GlobalState
@@ -31,14 +31,14 @@ def exact_neighbours(data: Dataset, k: int) -> np.ndarray:
     return index.search(data.queries, k)[1]
 
 
-def true_metrics(state: GlobalState, cfg: dict[str, Any], data: Dataset, truth: np.ndarray) -> dict[str, float]:
+def true_metrics(state: GlobalState, cfg: Shared, data: Dataset, truth: np.ndarray) -> dict[str, float]:
     """Recall of the merged federated top-k (each shard's index as its client builds it)
     and distortion over the union, for the global model in ``state``."""
-    spec = index_spec(cfg)
-    k = int(cfg["eval"]["k"])
+    spec = cfg.index.spec
+    k = cfg.eval.k
     model = load_encoder(state.encoder)
     zq = encode(model, data.queries)
-    if codebook_mode(cfg) == "local":  # every shard encodes with its own codebooks
+    if cfg.codebook_update == "local":  # every shard encodes with its own codebooks
         parts = client_partitions(cfg)
     else:
         parts = [np.arange(data.base.shape[0])]

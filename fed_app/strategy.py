@@ -64,10 +64,6 @@ class ModelChecks:
     min_count: int
 
 
-MODES = ("lloyd", "average_refined", "average_independent", "none", "local")
-EMPTY_POLICIES = ("auto", "split", "keep")
-
-
 def _content_digest(msg: Message) -> str:
     """A reply's identity by content: sorting by it makes aggregation reproducible."""
     if msg.has_error():
@@ -85,10 +81,6 @@ class CodebookMixin:
     def __init__(
         self, *args, codebook_update: str = "lloyd", local_iters: int = 1, empty: str = "auto", seed: int = 0, min_replies: int = 1, **kwargs
     ) -> None:
-        if codebook_update not in MODES:
-            raise ValueError(f"codebook_update={codebook_update!r} must be one of {MODES}")
-        if empty not in EMPTY_POLICIES:
-            raise ValueError(f"strategy.flower.empty={empty!r} must be one of {EMPTY_POLICIES}")
         super().__init__(*args, **kwargs)
         self.min_replies = min_replies
         self._sent: dict[int, list[int]] = {}

@@ -39,12 +39,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
 from fed_app.encoder import encode, load_encoder
 from fed_app.federated_search import federated_search, search_federation
 from fed_app.federation import run_federation
 from fed_app.local_data import load_dataset
 from fed_app.secagg.rounds import SETUP, new_session, secure_sum, setup_record
+from fed_app.experiment import Experiment
 from fed_app.settings import client_config
 from fed_app.state import CODEBOOK, ENCODER, record_of
 from vector_index.datasets import Dataset
@@ -120,12 +121,12 @@ def probe_vectors(data: Dataset, n: int, seed: int) -> np.ndarray:
     return (centre + scale * rng.normal(size=(n, data.base.shape[1]))).astype(np.float32)
 
 
-def active_probes(proxy: ServerProxy, cfg: dict[str, Any], data: Dataset, out_dir: Path) -> dict[str, list[Exchange]]:
+def active_probes(proxy: ServerProxy, cfg: Experiment, data: Dataset, out_dir: Path) -> dict[str, list[Exchange]]:
     """After training, the server sends its own requests; returns the exchanges of each."""
-    timeout = float(cfg["timeout_s"])
+    timeout = cfg.timeout_s
     last_eval = [ex for ex in proxy.exchanges if ex.message_type == "evaluate"][-1]
     arrays = record_of(last_eval.sent_arrays["arrays"])
-    probes = probe_vectors(data, NUM_PROBES, int(cfg["seed"]) + 1)
+    probes = probe_vectors(data, NUM_PROBES, cfg.seed + 1)
     big_k = min(RAISED_K, data.base.shape[0])
     asked = {**dict(client_config(cfg).items()), "eval.protocol": "trusted"}
     raised = ConfigRecord({**asked, "eval.k": big_k})
@@ -154,10 +155,10 @@ def active_probes(proxy: ServerProxy, cfg: dict[str, Any], data: Dataset, out_di
     return out
 
 
-def differencing_probes(proxy: ServerProxy, cfg: dict[str, Any]) -> list[Exchange]:
+def differencing_probes(proxy: ServerProxy, cfg: Experiment) -> list[Exchange]:
     """After training, an active server asks again for Lloyd statistics, choosing who
     answers and with which model, so that differences of what it gets back isolate
-    few vectors. Every request carries ``train.lr=0``: no client moves its encoder, so
+    few vectors. Every request carries ``train.local_epochs=0``: no client moves its encoder, so
     every statistic is in the space of the encoder sent (the final one).
 
     - the final model, every node;
@@ -176,14 +177,14 @@ def differencing_probes(proxy: ServerProxy, cfg: dict[str, Any]) -> list[Exchang
     final = evals[-1].sent_arrays["arrays"]
     encoder = {k: v for k, v in final.items() if k.startswith(ENCODER)}
     books = [{k: v for k, v in final.items() if k.startswith(CODEBOOK)}, trains[-1].sent_arrays["codebooks"]]
-    config = {**dict(client_config(cfg).items()), "server-round": int(trains[-1].sent_config.get("server-round", 0)), "train.lr": 0.0}
-    p = cfg["privacy"]
-    secure = bool(p["secure_aggregation"])
+    config = {**dict(client_config(cfg).items()), "server-round": int(trains[-1].sent_config.get("server-round", 0)), "train.local_epochs": 0}
+    p = cfg.privacy.limits
+    secure = p.secure_aggregation
     nodes = sorted(int(n) for n in proxy.get_node_ids())
     requests = [(books[0], nodes), (books[1], nodes)]
     if secure:
         requests += [(books[0], [n for n in nodes if n != v]) for v in nodes[:LEAVE_OUT]]
-    timeout = float(cfg["timeout_s"])
+    timeout = cfg.timeout_s
     start = len(proxy.exchanges)
     for i, (codebooks, group) in enumerate(requests):
         session = new_session() if secure else None
@@ -196,12 +197,12 @@ def differencing_probes(proxy: ServerProxy, cfg: dict[str, Any]) -> list[Exchang
 
         replies = list(proxy.send_and_receive([Message(content=content(), message_type="train", dst_node_id=n) for n in group], timeout=timeout))
         if session is not None:
-            secure_sum(proxy, session, replies, float(p["secagg_threshold"]), int(p["secagg_min_clients"]), timeout, f"differencing request {i}")
+            secure_sum(proxy, session, replies, p.secagg_threshold, p.secagg_min_clients, timeout, f"differencing request {i}")
     return proxy.exchanges[start:]
 
 
 def attacker_app(
-    cfg: dict[str, Any], out_dir: Path, holder: dict[str, Any], rewrite: Callable[[Message], Message] | None, probe: bool, differencing: bool = False
+    cfg: Experiment, out_dir: Path, holder: dict[str, Any], rewrite: Callable[[Message], Message] | None, probe: bool, differencing: bool = False
 ) -> ServerApp:
     """fedvec's own server code on a recording (and maybe rewriting) grid, then probes."""
     app = ServerApp()
@@ -220,8 +221,8 @@ def attacker_app(
     return app
 
 
-def data_of(cfg: dict[str, Any]) -> Dataset:
-    return load_dataset(cfg["data"])
+def data_of(cfg: Experiment) -> Dataset:
+    return load_dataset(cfg.data)
 
 
 def run_setting(
@@ -230,7 +231,7 @@ def run_setting(
     """Train one federation under ``overrides`` with the attacker as server; score it.
     ``differencing``: after training (and the probes) the server also asks for the
     statistics :func:`differencing_probes` differences."""
-    cfg = compose_config(overrides)
+    cfg = load_experiment(compose_config(overrides))
     holder: dict[str, Any] = {}
     path = simulate(cfg, out_dir, server_app=attacker_app(cfg, out_dir, holder, rewrite, probe, differencing))
     report = score(name, cfg, data_of(cfg), holder["training"], holder["probes"], out_dir, holder["differencing"])
@@ -308,7 +309,7 @@ def exposure(training: list[Exchange], base: np.ndarray, m: int, sums: list[Deco
 def lloyd_observations(exchanges: list[Exchange], sums: list[DecodedSum], enc: Encodings, level: str = "pq") -> list[Observation]:
     """The Lloyd statistics the server holds: every plain reply (one client, in the space
     of the encoder it sent back) and every decoded secure sum (its survivors, in the
-    space of the encoder the server sent: exact under DP and with ``train.lr=0``)."""
+    space of the encoder the server sent: exact under DP and with ``train.local_epochs=0``)."""
 
     def model(ex: Exchange) -> str:
         config = {k: v for k, v in ex.sent_config.items() if k not in ("session", "stage")}
@@ -386,12 +387,12 @@ def _trilaterate_all(exchanges: list[Exchange], prefix: str, transform: Callable
 
 
 def score(
-    name: str, cfg: dict[str, Any], data: Dataset, training: list[Exchange], probes: dict[str, list[Exchange]], out_dir: Path,
+    name: str, cfg: Experiment, data: Dataset, training: list[Exchange], probes: dict[str, list[Exchange]], out_dir: Path,
     differencing: list[Exchange] | None = None,
 ) -> AttackReport:
     ids = np.arange(data.base.shape[0])
     report = AttackReport(setting=name, num_vectors=data.base.shape[0])
-    m = int(cfg["index"]["m"])
+    m = int(cfg.index.m)  # type: ignore[arg-type]  # the attacked indexes are PQ
     enc = Encodings(data.base)
     sums = decoded_secure_sums(training)
 

@@ -44,7 +44,7 @@ from flwr.simulation import run_simulation
 from fed_app.federated_search import search_federation
 from fed_app.privacy.policy import ClientPolicy
 from fed_app.federation import wait_for_nodes
-from fed_app.settings import received_config
+from fed_app.settings import search_request
 from fed_app.state import record_of
 from vector_index.datasets import load_glove
 from vector_index.partition import iid
@@ -71,11 +71,13 @@ def cached_query(msg: Message, context: Context) -> Message:
     "model-version"), but opens ``<deploy.shard-root>/client-<partition-id>`` once per
     worker process instead of once per message. kNN only, under the node's own limits
     (max-k, distances on its grid) as the real ClientApp; the query budget is not counted."""
-    cfg = received_config(msg.content["config"])
+    req = search_request(msg.content["config"])
     policy = ClientPolicy.from_node_config(dict(context.node_config))
-    policy.check_k(int(cfg["k"]))
-    shard = _open_shard(f"{cfg['deploy']['shard-root']}/client-{int(context.node_config['partition-id'])}")
-    distances, ids = shard.search(msg.content["queries"]["vectors"].numpy(), int(cfg["k"]))
+    if req.k is None or req.deploy is None:
+        raise ValueError("the cached search client answers kNN searches of simulated shards only")
+    policy.check_k(req.k)
+    shard = _open_shard(f"{req.deploy.shard_root}/client-{int(context.node_config['partition-id'])}")
+    distances, ids = shard.search(msg.content["queries"]["vectors"].numpy(), req.k)
     content = RecordDict({"results": record_of({"distances": policy.round_distances(distances), "ids": ids}),
                           "metrics": MetricRecord({"model-version": int(shard.model_version)})})
     return Message(content=content, reply_to=msg)

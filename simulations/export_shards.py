@@ -15,21 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
 from fed_app.local_data import client_shard, load_dataset
 
 
 def export(out: Path, overrides: list[str]) -> list[Path]:
-    cfg = compose_config(overrides)
+    cfg = load_experiment(compose_config(overrides))
     out.mkdir(parents=True, exist_ok=True)
-    n = int(cfg["num_clients"])
+    n = cfg.num_clients
     written = []
     for pid in range(n):
         x, ids = client_shard(cfg, pid, n)
         np.save(out / f"org-{pid + 1}.npy", x)
         np.save(out / f"org-{pid + 1}-ids.npy", ids)
         written.append(out / f"org-{pid + 1}.npy")
-    np.save(out / "queries.npy", load_dataset(cfg["data"]).queries)
+    np.save(out / "queries.npy", load_dataset(cfg.data).queries)
     return written
 
 

@@ -31,7 +31,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fed_app.client_app import make_client_app
-from fed_app.config import CONF_DIR, to_plain, validate
+from fed_app.config import CONF_DIR, load_experiment, to_plain, validate
+from fed_app.experiment import Experiment
 from fed_app.interrupts import STOP
 from fed_app.local_data import load_dataset
 from fed_app.privacy.policy import ClientPolicy
@@ -60,7 +61,7 @@ def _start_ray(init_args: dict[str, Any]) -> None:
         signal.signal(signal.SIGTERM, ours)
 
 
-def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, client_mods: list | None = None) -> Path:
+def simulate(config: dict | Experiment, out_dir: Path, server_app: ServerApp | None = None, client_mods: list | None = None) -> Path:
     """Run the ServerApp and ClientApps in this process; returns summary.json's path.
 
     ``server_app``: another ServerApp over the same config (the attack suite's server);
@@ -68,7 +69,8 @@ def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, clie
     """
     logging.getLogger("flwr").propagate = False  # Hydra's root handler would print twice
     check_fresh_run_dir(out_dir)  # before any client starts
-    data = load_dataset(cfg["data"])  # cached: the in-process ServerApp reuses it
+    cfg = load_experiment(config)  # every key's type and range
+    data = load_dataset(cfg.data)  # cached: the in-process ServerApp reuses it
     validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
     _start_ray(RAY_INIT_ARGS)
     run_simulation(
@@ -76,7 +78,7 @@ def simulate(cfg: dict, out_dir: Path, server_app: ServerApp | None = None, clie
         # the simulated clients hold the experiment's privacy group themselves: no
         # message can loosen it (a deployed SuperNode reads its own node config)
         client_app=make_client_app(ClientPolicy.for_simulation(cfg), client_mods),
-        num_supernodes=int(cfg["num_clients"]),
+        num_supernodes=cfg.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": RAY_INIT_ARGS},
     )
     path = out_dir / "summary.json"

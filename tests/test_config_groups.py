@@ -12,19 +12,24 @@ from flwr.common.serde import config_record_from_proto, config_record_to_proto
 from flwr.proto.recorddict_pb2 import ConfigRecord as ProtoConfigRecord
 from hydra.utils import instantiate
 
-from fed_app.client_tasks import codebook_mode, index_spec
-from fed_app.config import CONF_DIR, ConfigError, compose_config, validate
-from fed_app.settings import CLIENT_SECTIONS, check_target, client_config, flatten, received_config
+from fed_app.config import CONF_DIR, ConfigError, compose_config, load_experiment, validate
+from fed_app.experiment import ClientView, Experiment, Shared
+from fed_app.privacy.policy import Refusal
+from fed_app.settings import client_config, flatten, received_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
 NPY_OVERRIDES = ["data.path=/nonexistent/only-composed.npy"]
 
 
-def _over_the_wire(cfg: dict) -> dict:
+def _over_the_wire(exp: Experiment) -> ClientView:
     wire = ProtoConfigRecord()
-    wire.ParseFromString(config_record_to_proto(client_config(cfg)).SerializeToString())
+    wire.ParseFromString(config_record_to_proto(client_config(exp)).SerializeToString())
     return received_config(config_record_from_proto(wire))
+
+
+def _shared(view: Shared) -> dict:
+    return view.model_dump(by_alias=True, exclude_none=True, include=set(Shared.model_fields))
 
 
 def test_every_group_has_options() -> None:
@@ -40,24 +45,24 @@ def test_every_group_has_options() -> None:
 def test_option_reaches_client(group: str, option: str) -> None:
     extra = NPY_OVERRIDES if (group, option) == ("data", "npy") else []
     cfg = compose_config([f"{group}={option}", "num_clients=7", "train.lam=2.5", *extra])
-    got = _over_the_wire(cfg)
+    exp = load_experiment(cfg)  # every key of the option is in the schema (unknown keys are refused)
+    got = _over_the_wire(exp)
 
-    sent = {k: cfg[k] for k in CLIENT_SECTIONS}
-    assert flatten({k: got[k] for k in CLIENT_SECTIONS}) == flatten(sent)
-    assert got["num_clients"] == 7 and got["train"]["lam"] == 2.5
+    assert _shared(got) == _shared(exp)
+    assert flatten(_shared(got)) == flatten({k: v for k, v in cfg.items() if k in Shared.model_fields})
+    assert got.num_clients == 7 and got.train.lam == 2.5
     if group in ("data", "partition"):
-        check_target(got[group])  # the client accepts the loader it is told to call
-        assert got[group]["_target_"] == cfg[group]["_target_"]
+        assert getattr(got, group).target == cfg[group]["_target_"]
     if group == "index":
-        assert index_spec(got).kind == cfg["index"]["kind"]
+        assert got.index.spec.kind == cfg["index"]["kind"]
     if group == "strategy":
-        assert codebook_mode(got) == cfg["strategy"]["flower"]["codebook_update"]
+        assert got.codebook_update == cfg["strategy"]["flower"]["codebook_update"]
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "strategy"])
 def test_strategy_instantiates(option: str) -> None:
     cfg = compose_config([f"strategy={option}"])
-    strategy = instantiate(cfg["strategy"]["flower"], min_available_nodes=2)
+    strategy = instantiate(load_experiment(cfg).strategy.flower.kwargs(), min_available_nodes=2)
     assert strategy.codebook_update == cfg["strategy"]["flower"]["codebook_update"]
     assert type(strategy).__name__ == cfg["strategy"]["flower"]["_target_"].rsplit(".", 1)[1]
 
@@ -80,3 +85,79 @@ def test_invalid_config_names_key(overrides: list[str], key: str) -> None:
     cfg = compose_config(overrides)
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         validate(cfg, dim=50, num_vectors=100_000)
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _wrong(value: object) -> object:
+    """A value of the wrong type for ``value``'s key."""
+    if isinstance(value, bool):
+        return "yes"
+    if isinstance(value, (int, float)):
+        return "abc"
+    return 12345
+
+
+DEFAULT_LEAVES = [(k, v) for k, v in _leaves(compose_config([])) if v is not None]
+
+
+@pytest.mark.parametrize(("key", "value"), DEFAULT_LEAVES, ids=[k for k, _ in DEFAULT_LEAVES])
+def test_every_key_is_typed_and_a_wrong_type_is_named(key: str, value: object) -> None:
+    """Every key of the default experiment: a value of the wrong type is refused before
+    anything runs, by an error that starts with the key."""
+    cfg = compose_config([])
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = _wrong(value)
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}[.:]"):
+        load_experiment(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lr=abc"], r"^train\.lr: must be a number, got 'abc'"),
+        (["train.local_epochs=-1"], r"^train\.local_epochs: must be >= 0, got -1"),
+        (["eval.every=0"], r"^eval\.every: "),
+        (["init.local_k=0"], r"^init\.local_k: "),
+        (["seed=-1"], r"^seed: "),
+        (["num_rounds=1.5"], r"^num_rounds: must be an integer, got 1[.]5"),
+        (["timeout_s=inf"], r"^timeout_s: must be a finite number, got inf"),
+        (["train.lam=true"], r"^train\.lam: must be a number, got True"),
+        (["+train.lrr=0.1"], r"^train\.lrr: not a key of the config"),
+        (["+index.nlist=4"], r"^index\.nlist: not a key of index=pq"),
+        (["~train.lr"], r"^train\.lr: missing"),
+        (["data._target_=os.system"], r"^data\._target_: 'os\.system' is not one of"),
+        (["+strategy.flower.beta=0.1"], r"^strategy\.flower\.beta: FederatedPQ does not take it"),
+        (["strategy=avg_refined", "~strategy.flower.local_iters"], r"^strategy\.flower\.local_iters: codebook_update=average_refined needs it"),
+        (["+privacy.max_kk=3"], r"^privacy\.max_kk: not a privacy setting"),
+        (["privacy.dp_epsilon=-1"], r"^privacy\.dp_epsilon: must be a number >= 0"),
+        (["min_clients=11"], r"^min_clients: must be in 1\.\.num_clients=10"),
+    ],
+)
+def test_schema_refuses_with_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(compose_config(overrides))
+
+
+def test_client_refuses_a_config_outside_the_schema() -> None:
+    """The client parses what the server sends with the same schema: a value out of range,
+    an unknown key or a loader outside the schema is refused, naming the key."""
+    good = client_config(load_experiment(compose_config([])))
+    for key, value, named in [("train.lr", -1.0, "train.lr"), ("train.lrr", 0.1, "train.lrr"),
+                              ("data._target_", "os.system", "data._target_"), ("server-round", -3, "server-round")]:
+        record = type(good)(dict(good.items()))
+        record[key] = value
+        with pytest.raises(Refusal, match=rf"the config the server sent is refused: {key.replace('.', '[.]')}") as exc:
+            received_config(record)
+        assert exc.value.limit == "config" and named in exc.value.reason

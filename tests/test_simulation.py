@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fed_app.client_tasks import index_spec
-from fed_app.config import ConfigError
+from fed_app.config import ConfigError, load_experiment
 from fed_app.federated_search import merge_qualified
 from fed_app.local_data import load_dataset
 from simulations.run import simulate
@@ -72,11 +71,11 @@ def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path
     version = int(model["model_version"])
     a, b = model["transform.A"], model["transform.b"]
     assert not np.allclose(a, np.eye(16), atol=1e-4)  # the encoder moved: the transform matters
-    spec = index_spec(cfg)
+    spec = load_experiment(cfg).index.spec
 
     shards = [Shard.open(tmp_path / "shards" / f"client-{i}") for i in range(3)]
     assert all(s.model_version == version and s.encoded for s in shards)
-    queries = load_dataset(cfg["data"]).queries
+    queries = load_dataset(load_experiment(cfg).data).queries
     per = [s.search(queries, 10) for s in shards]
     d, ids, nodes = merge_qualified([0, 1, 2], [p[0] for p in per], [p[1] for p in per], 10)
 

@@ -12,10 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import faiss
 import numpy as np
 
-from .validation import VectorError, check_pq_geometry
-
-
-KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")
+from .validation import KINDS, VectorError, check_pq_geometry
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
+KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")  # the index kinds a shard can build
+
+
 class VectorError(ValueError):
     """Vectors or a PQ configuration that fedvec refuses to work with."""
 

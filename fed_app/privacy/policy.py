@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from vector_index.model_checks import ModelBounds
+
+if TYPE_CHECKING:
+    from ..experiment import Experiment
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "privacy" / "secure.yaml"
 BUDGET_RECORD = "privacy-budget"  # Context.state record: queries answered so far in this run
@@ -119,13 +122,11 @@ class ClientPolicy:
         return cls(**{k: values[k] for k in known}, allow_trusted_eval=allow_trusted_eval, source=source)
 
     @classmethod
-    def for_simulation(cls, cfg: dict[str, Any]) -> "ClientPolicy":
+    def for_simulation(cls, cfg: "Experiment") -> "ClientPolicy":
         """The simulated clients' own limits: the experiment's ``privacy`` group, held by
         the simulator (never sent); they answer the trusted protocol only when the
         experiment itself is run with it."""
-        return cls.from_mapping(
-            cfg["privacy"], f"simulator (privacy={cfg['privacy'].get('name', '?')})", cfg["eval"]["protocol"] == "trusted"
-        )
+        return replace(cfg.privacy.limits, source=f"simulator (privacy={cfg.privacy.name})", allow_trusted_eval=cfg.eval.protocol == "trusted")
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> "ClientPolicy":

@@ -7,9 +7,12 @@ SuperNode's own), the initialisation, what nodes withheld, and what is not (yet)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .dp import epsilon_spent
+
+if TYPE_CHECKING:
+    from ..experiment import Experiment
 
 WEAKEST = {"min-count": min, "max-k": max, "max-range-results": max, "query-budget": max, "distance-grid": min, "examples-digits": max}
 
@@ -30,20 +33,20 @@ def weakest_limits(node_policies: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def privacy_summary(cfg: dict[str, Any], strategy: Any, init_withheld: dict[int, str], public_vectors: int) -> dict[str, Any]:
-    protocol = str(cfg["eval"]["protocol"])
+def privacy_summary(cfg: Experiment, strategy: Any, init_withheld: dict[int, str], public_vectors: int) -> dict[str, Any]:
+    protocol = cfg.eval.protocol
     warnings = []
     if protocol == "trusted":
         warnings.append("eval.protocol=trusted: shards returned exact distances to the evaluation queries (simulation research mode)")
     limits = weakest_limits(strategy.node_policies)
     if limits.get("min-count", 5) < 2:
         warnings.append("min-count < 2: single vectors can leave a client as centroids or Lloyd cells")
-    secure = bool(cfg["privacy"]["secure_aggregation"])
+    secure = cfg.privacy.limits.secure_aggregation
     if not secure:
-        warnings.append(f"privacy={cfg['privacy'].get('name')}: each client's statistics reached the server unmasked (research simulation only)")
-    if cfg["init"]["source"] == "public":
-        init = f"public vectors ({public_vectors}, {cfg['init'].get('public_path') or 'the held-out queries'}); no client statistics"
-    elif cfg["strategy"]["flower"]["codebook_update"] == "local":
+        warnings.append(f"privacy={cfg.privacy.name}: each client's statistics reached the server unmasked (research simulation only)")
+    if cfg.init.source == "public":
+        init = f"public vectors ({public_vectors}, {cfg.init.public_path or 'the held-out queries'}); no client statistics"
+    elif cfg.codebook_update == "local":
         init = "none: every shard trains its own codebooks, which never leave it"
     else:
         init = "clients: local centroids supported by >= min-count vectors, counts rounded (k-FED style)"
@@ -74,38 +77,38 @@ BASELINES = {
 }
 
 
-def differential_privacy(cfg: dict[str, Any], strategy: Any) -> dict[str, Any]:
+def differential_privacy(cfg: Experiment, strategy: Any) -> dict[str, Any]:
     """Epsilon over the noisy sums that actually happened, composed by dp-accounting.
 
     Each release counts with the smallest noise multiplier any summed node stated: the
     guarantee holds as long as the session's threshold of honest clients added theirs.
     """
-    p = cfg["privacy"]
-    if not float(p["dp_epsilon"]) > 0:
+    p = cfg.privacy.limits
+    if not p.dp:
         return {"on": False, "epsilon": None, "delta": None}
-    delta = float(p["dp_delta"])
+    delta = p.dp_delta
     releases = list(getattr(strategy, "releases", []))
     return {
         "on": True,
         "epsilon": round(epsilon_spent([r["noise_multiplier"] for r in releases], delta), 4),
         "delta": delta,
-        "epsilon_budget": float(p["dp_epsilon"]),
-        "max_releases": int(p["dp_max_releases"]),
+        "epsilon_budget": p.dp_epsilon,
+        "max_releases": p.dp_max_releases,
         "releases": releases,
         "unit": "one vector of one shard (add/remove)",
-        "clip_l2": float(p["dp_clip"]),
+        "clip_l2": p.dp_clip,
         "mechanism": "Gaussian on every summed array, noise shared among clients (each adds sigma^2/t), inside secure aggregation",
         "accountant": "dp-accounting RDP (ComposedDpEvent of GaussianDpEvent)",
     }
 
 
-def visible_to_server(cfg: dict[str, Any]) -> list[str]:
-    p = cfg["privacy"]
-    if p["secure_aggregation"]:
+def visible_to_server(cfg: Experiment) -> list[str]:
+    p = cfg.privacy.limits
+    if p.secure_aggregation:
         out = ["each client's public keys and the shapes of its statistics; masked inputs (uniform in Z_2^64)",
                "sums over at least secagg_threshold of the round's roster: Lloyd sums and counts, encoder statistics, evaluation sums",
                "which nodes took part in, or dropped out of, each sum", "each client's stated limits and noise multiplier"]
-        if float(p["dp_epsilon"]) > 0:
+        if p.dp:
             out[1] += ", each with Gaussian noise (DP)"
         return out
     return [

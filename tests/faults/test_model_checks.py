@@ -12,8 +12,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fed_app.client_app import make_client_app
-from fed_app.client_tasks import index_spec
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
 from fed_app.encoder import initial_weights
 from fed_app.federation import public_init
 from fed_app.local_data import load_dataset
@@ -60,16 +59,16 @@ def test_a_centroid_far_beyond_the_data_is_refused():
 def tiny():
     from conftest import TINY
 
-    cfg = compose_config([*TINY, "privacy=trusted", "model=affine", "eval.protocol=private"])
-    data = load_dataset(cfg["data"])
+    cfg = load_experiment(compose_config([*TINY, "privacy=trusted", "model=affine", "eval.protocol=private"]))
+    data = load_dataset(cfg.data)
     state = GlobalState(encoder=initial_weights(data.base.shape[1], "affine"))
-    public_init(state, index_spec(cfg), cfg, data)
+    public_init(state, cfg.index.spec, cfg, data)
     return cfg, data, state
 
 
 def test_the_global_model_check_names_shape_and_level_faults(tiny):
     cfg, data, state = tiny
-    spec, d, norm = index_spec(cfg), data.base.shape[1], max_norm(data.base)
+    spec, d, norm = cfg.index.spec, data.base.shape[1], max_norm(data.base)
     check_model(state, spec, d, norm, BOUNDS)
     bad = GlobalState(encoder=state.encoder, codebooks={"pq": state.codebooks["pq"][:, :10]})
     with pytest.raises(VectorError, match=r"codebook level 'pq': shape \(4, 10, 4\), expected \(4, 64, 4\)"):
@@ -111,7 +110,7 @@ def test_a_client_refuses_a_bad_model_by_name_and_keeps_its_shard(tiny, tmp_path
     else:
         enc["linear.bias"][0] = np.nan
     app = make_client_app(ClientPolicy.for_simulation(cfg))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": cfg["num_clients"]}, state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": cfg.num_clients}, state=RecordDict(), run_config={})
     reply = app(_message(cfg, GlobalState(encoder=enc, codebooks=books), message_type, tmp_path / "shards"), context)
     assert "refusal" in reply.content.config_records, reply.content
     assert reply.content["refusal"]["limit"] == "model"

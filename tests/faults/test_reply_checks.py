@@ -10,8 +10,8 @@ from conftest import TINY
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fed_app import client_tasks
-from fed_app.client_tasks import index_spec
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
+from fed_app.settings import client_view
 from fed_app.encoder import initial_weights
 from fed_app.federation import public_init
 from fed_app.local_data import client_shard, load_dataset
@@ -19,23 +19,22 @@ from fed_app.model_guard import max_norm
 from fed_app.privacy.policy import ClientPolicy
 from fed_app.reply_checks import Expected, InvalidReply, evaluate_reply, init_reply, train_reply
 from fed_app.state import GlobalState, encoder_record, record_of
-from vector_index.model_checks import ModelBounds
 
 
 @pytest.fixture(scope="module")
 def honest():
-    cfg = compose_config([*TINY, "privacy=trusted", "model=affine"])
-    cfg["server-round"] = 1
-    data = load_dataset(cfg["data"])
+    cfg = load_experiment(compose_config([*TINY, "privacy=trusted", "model=affine"]))
+    view = client_view(cfg, **{"server-round": 1})
+    data = load_dataset(cfg.data)
     state = GlobalState(encoder=initial_weights(data.base.shape[1], "affine"))
-    public_init(state, index_spec(cfg), cfg, data)
+    public_init(state, cfg.index.spec, cfg, data)
     pol = ClientPolicy.for_simulation(cfg)
-    x, ids = client_shard(cfg, 0, cfg["num_clients"])
-    weights, update, metrics = client_tasks.train(state, x, cfg, pol)
-    evaluation = client_tasks.evaluate(state, x, ids, cfg, pol)
-    p = cfg["privacy"]
-    exp = Expected(index_spec(cfg), data.base.shape[1], state.encoder, state.codebooks, "lloyd", max_norm(data.queries),
-                   ModelBounds(p["model_max_gain"], p["model_orthogonal_tol"], p["model_norm_slack"]), p["examples_digits"], p["min_count"])
+    x, ids = client_shard(view, 0, cfg.num_clients)
+    weights, update, metrics = client_tasks.train(state, x, view, pol)
+    evaluation = client_tasks.evaluate(state, x, ids, view, pol)
+    p = cfg.privacy.limits
+    exp = Expected(cfg.index.spec, data.base.shape[1], state.encoder, state.codebooks, "lloyd", max_norm(data.queries),
+                   p.model_bounds, p.examples_digits, p.min_count)
     return exp, weights, update, metrics, evaluation
 
 

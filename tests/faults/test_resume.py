@@ -17,7 +17,7 @@ from conftest import CLEAN
 from processes import Processes
 
 from fed_app.checkpoint import CheckpointError, load
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = CLEAN  # 8 rounds
@@ -61,13 +61,13 @@ def test_a_sigkilled_server_resumes_to_the_same_final_metrics(tmp_path, clean_ru
 def test_resume_refuses_another_experiments_checkpoint_or_a_tampered_one(tmp_path):
     from fed_app.checkpoint import save
 
-    cfg = compose_config(OVERRIDES)
+    cfg = load_experiment(compose_config(OVERRIDES)).as_dict()
     import numpy as np
 
     save(tmp_path, 2, cfg, {"encoder.linear.weight": np.eye(4, dtype=np.float32)}, {}, {"strategy": {}})
     assert load(tmp_path, cfg).round == 2
     with pytest.raises(CheckpointError, match=r"another experiment \(config differs in \['num_rounds'\]\)"):
-        load(tmp_path, compose_config([*OVERRIDES, "num_rounds=7"]))
+        load(tmp_path, load_experiment(compose_config([*OVERRIDES, "num_rounds=7"])).as_dict())
     (tmp_path / "checkpoint.npz").write_bytes((tmp_path / "checkpoint.npz").read_bytes()[:-3] + b"xyz")
     with pytest.raises(CheckpointError, match="does not match"):
         load(tmp_path, cfg)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fed_app.local_data import client_partitions
-from fed_app.config import compose_config
+from fed_app.config import compose_config, load_experiment
 from simulations.attack_suite import EXPOSURE_TOL, rewrite_to_raise_k, run_setting
 
 # 20 non-IID shards (some of a few vectors) of 1,500 16-d vectors, PQ 4x6, 2 rounds
@@ -70,7 +70,7 @@ def small_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def differencing(tmp_path_factory):
     """Each privacy group on the same GloVe federation; after training the server asks
-    again with train.lr=0 (one encoder space): the final model and the last round's
+    again with train.local_epochs=0 (one encoder space): the final model and the last round's
     codebooks over every node and, under secure aggregation, every node but one (twice)."""
     return {g: run_setting(f"differencing, privacy={g}", [*GLOVE, f"privacy={g}"], tmp_path_factory.mktemp(f"diff-{g}"), probe=False,
                            differencing=True) for g in GROUPS}
@@ -100,7 +100,7 @@ def test_defaults_refuse_raised_k_trusted_eval_and_radius_by_name(protected):
     # search mode: k=1000 > max-k=100 everywhere; a huge radius on every shard above 100 vectors
     assert r.refusals["search_raised_k"] == n and r.limits["search_raised_k"] == ["max-k"]
     assert r.codes["search_raised_k"] == 0
-    big = sum(1 for p in client_partitions(compose_config(BASE)) if p.size > 100)
+    big = sum(1 for p in client_partitions(load_experiment(compose_config(BASE))) if p.size > 100)
     assert big >= 1 and r.refusals["search_radius"] == big and r.limits["search_radius"] == ["max-range-results"]
 
 
@@ -139,7 +139,7 @@ def test_200_small_shards_send_no_vector(small_shards):
     assert off.small_cells > 0
     assert on.recovered["exposure_full_vectors"] == 0 and on.recovered["exposure_subvectors"] == 0, on.recovered
     assert on.small_cells == 0
-    sizes = [p.size for p in client_partitions(compose_config(SMALL))]
+    sizes = [p.size for p in client_partitions(load_experiment(compose_config(SMALL)))]
     withheld = on.summary["final"]["privacy"]["withheld"]["init"]
     assert len(withheld) == sum(1 for s in sizes if s < 5) > 0, (len(withheld), sorted(sizes)[:20])
     assert all("min-count=5" in why for why in withheld.values())

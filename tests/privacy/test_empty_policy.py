@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fed_app.config import ConfigError, compose_config, load_experiment
 from fed_app.lloyd import lloyd_update
 from fed_app.strategy import FederatedPQ
 
@@ -26,8 +27,8 @@ def test_auto_keeps_when_any_node_withholds_and_splits_otherwise():
 
 
 def test_unknown_policy_is_refused_by_name():
-    with pytest.raises(ValueError, match="strategy.flower.empty='drop'"):
-        FederatedPQ(empty="drop")
+    with pytest.raises(ConfigError, match=r"^strategy\.flower\.empty: must be one of 'auto', 'split' or 'keep', got 'drop'"):
+        load_experiment(compose_config(["strategy.flower.empty=drop"]))
 
 
 def test_keep_leaves_a_withheld_centroid_where_split_would_move_it():

@@ -21,13 +21,14 @@ from omegaconf import OmegaConf
 
 from fed_app import client_tasks, shard_store
 from fed_app.client_app import make_client_app
-from fed_app.config import ConfigError, compose_config, validate
+from fed_app.config import ConfigError, compose_config, load_experiment, validate
+from fed_app.experiment import ClientView, SearchRequest
 from fed_app.encoder import encode, initial_weights, load_encoder
 from fed_app.lloyd import local_centroids
 from fed_app.privacy import release
 from fed_app.privacy.policy import DEFAULTS_FILE, ClientPolicy, Refusal, round_significant
 from fed_app.privacy.release import Withheld
-from fed_app.settings import client_config
+from fed_app.settings import client_config, client_view
 from fed_app.state import GlobalState, encoder_record
 from vector_index.quantizers import IndexSpec, split_subspaces
 from vector_index.store import Shard
@@ -52,16 +53,22 @@ def composed(*overrides: str) -> dict:
     return copy.deepcopy(_composed(tuple(overrides)))
 
 
-def small_cfg(**changes) -> dict:
+def small_cfg(**changes) -> ClientView:
+    """What a client receives in round 1 for SMALL with ``changes`` (``init__local_k=3``)."""
     cfg = composed(*SMALL)
-    cfg["server-round"] = 1
     for dotted, value in changes.items():
         node = cfg
         *parents, leaf = dotted.split("__")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return cfg
+    return client_view(load_experiment(cfg), **{"server-round": 1})
+
+
+def unchecked(view: ClientView, section: str, **values) -> ClientView:
+    """``view`` with values the schema refuses on arrival: what the client tasks do if a
+    hostile value got past the message check (defence in depth)."""
+    return view.model_copy(update={section: getattr(view, section).model_copy(update=values)})
 
 
 def policy(**changes) -> ClientPolicy:
@@ -179,7 +186,7 @@ def test_as_record_reports_the_limits_with_node_keys():
 
 
 def test_for_simulation_default_privacy():
-    p = ClientPolicy.for_simulation(composed(*SMALL))
+    p = ClientPolicy.for_simulation(load_experiment(composed(*SMALL)))
     for name in ("min_count", "max_k", "max_range_results", "query_budget", "distance_grid", "examples_digits"):
         assert getattr(p, name) == DEFAULTS[name], name
     assert p.allow_trusted_eval is False
@@ -187,7 +194,7 @@ def test_for_simulation_default_privacy():
 
 
 def test_for_simulation_privacy_off():
-    p = ClientPolicy.for_simulation(composed(*SMALL, "privacy=off"))
+    p = ClientPolicy.for_simulation(load_experiment(composed(*SMALL, "privacy=off")))
     assert p.min_count == 1 and p.distance_grid == 0.0 and p.examples_digits == 0 and p.max_k >= 10**9
     assert p.allow_trusted_eval is False  # privacy=off alone does not switch the protocol
     assert "off" in p.source
@@ -198,14 +205,14 @@ def test_for_simulation_trusted_only_with_trusted_protocol(privacy):
     cfg = composed(*SMALL, f"privacy={privacy}")
     for protocol, allowed in (("trusted", True), ("private", False)):
         cfg["eval"]["protocol"] = protocol
-        assert ClientPolicy.for_simulation(cfg).allow_trusted_eval is allowed, protocol
+        assert ClientPolicy.for_simulation(load_experiment(cfg)).allow_trusted_eval is allowed, protocol
 
 
 def test_for_simulation_bad_group_value_names_the_config_key():
     cfg = composed(*SMALL)
     cfg["privacy"]["max_k"] = 0
     with pytest.raises(ValueError, match=r"^privacy\.max_k: must be an integer >= 1"):
-        ClientPolicy.for_simulation(cfg)
+        ClientPolicy.for_simulation(load_experiment(cfg))
 
 
 # ================================================================ 3. checks and rounding
@@ -435,7 +442,9 @@ def test_init_centroids_server_chosen_kmeans_iters_cannot_expose_vectors(iters):
     k-means returns its initial centroids, i.e. sampled raw sub-vectors, and their
     counts (>= min-count) pass the support check: they must still not leave."""
     x = clustered(300)
-    out = client_tasks.init_centroids(identity_state(), x, "pq", small_cfg(init__kmeans_iters=iters), policy(min_count=5))
+    with pytest.raises(ConfigError, match=r"^init\.kmeans_iters: must be >= 1"):
+        small_cfg(init__kmeans_iters=iters)  # refused on arrival
+    out = client_tasks.init_centroids(identity_state(), x, "pq", unchecked(small_cfg(), "init", kmeans_iters=iters), policy(min_count=5))
     assert not ((out["counts"] > 0) & (out["counts"] < 5)).any()
     assert raw_rows_released(out["centroids"], encoded(x)) == 0
 
@@ -443,8 +452,8 @@ def test_init_centroids_server_chosen_kmeans_iters_cannot_expose_vectors(iters):
 def test_average_independent_server_chosen_kmeans_iters_cannot_expose_vectors():
     """The same server-chosen init.kmeans_iters=0 in the average_independent baseline."""
     z = encoded(clustered(300))
-    cfg = small_cfg(strategy__flower__codebook_update="average_independent", init__kmeans_iters=0)
-    update, _ = client_tasks.codebook_update(z, {}, client_tasks.index_spec(cfg), cfg, policy(min_count=5))
+    cfg = unchecked(small_cfg(strategy__flower__codebook_update="average_independent"), "init", kmeans_iters=0)
+    update, _ = client_tasks.codebook_update(z, {}, cfg.index.spec, cfg, policy(min_count=5))
     assert raw_rows_released(update["pq.centroids"], z) == 0
 
 
@@ -460,7 +469,7 @@ def books_near(z: np.ndarray, outlier_row: int, seed: int = 0) -> np.ndarray:
 def test_lloyd_update_releases_no_small_cell_and_exact_means():
     z = encoded(with_outlier(clustered(300)))
     books = books_near(z, -1)
-    spec = client_tasks.index_spec(small_cfg())
+    spec = small_cfg().index.spec
     update, withheld = client_tasks.codebook_update(z, {"pq": books}, spec, small_cfg(), policy(min_count=5))
     sums, counts = update["pq.sums"], update["pq.counts"]
     assert sums.dtype == np.float32 and counts.dtype == np.int32
@@ -489,7 +498,7 @@ def test_lloyd_update_releases_no_small_cell_and_exact_means():
 def test_average_refined_releases_no_raw_sub_vector():
     z = encoded(with_outlier(clustered(300)))
     books = books_near(z, -1)
-    spec = client_tasks.index_spec(small_cfg())
+    spec = small_cfg().index.spec
     cfg = small_cfg(strategy__flower__codebook_update="average_refined", strategy__flower__local_iters=5)
     update, withheld = client_tasks.codebook_update(z, {"pq": books}, spec, cfg, policy(min_count=5))
     cents = update["pq.centroids"]
@@ -504,7 +513,7 @@ def test_average_refined_releases_no_raw_sub_vector():
 
 def test_average_independent_releases_no_raw_sub_vector():
     z = encoded(with_outlier(clustered(300)))
-    spec = client_tasks.index_spec(small_cfg())
+    spec = small_cfg().index.spec
     cfg = small_cfg(strategy__flower__codebook_update="average_independent")
     update, withheld = client_tasks.codebook_update(z, {}, spec, cfg, policy(min_count=5))
     cents = update["pq.centroids"]
@@ -516,7 +525,7 @@ def test_average_independent_releases_no_raw_sub_vector():
 
 def test_average_independent_small_shard_withheld():
     z = encoded(clustered(12))  # fewer vectors than the 16 centroids per sub-space
-    spec = client_tasks.index_spec(small_cfg())
+    spec = small_cfg().index.spec
     cfg = small_cfg(strategy__flower__codebook_update="average_independent")
     with pytest.raises(Withheld, match="min-count=5"):
         client_tasks.codebook_update(z, {}, spec, cfg, policy(min_count=5))
@@ -526,7 +535,7 @@ def test_average_independent_small_shard_withheld():
 
 def test_train_local_codebooks_with_min_count():
     z = encoded(with_outlier(clustered(300)))
-    spec = client_tasks.index_spec(small_cfg())
+    spec = small_cfg().index.spec
     plain = client_tasks.train_local_codebooks(z, spec, 10, 0)
     guarded = client_tasks.train_local_codebooks(z, spec, 10, 0, min_count=5)
     assert raw_rows_released(plain["pq"], z[-1:]) == M
@@ -561,7 +570,7 @@ def test_evaluate_reports_aggregates_only():
 @pytest.mark.parametrize("n", [5, 9, 14])
 def test_evaluate_small_shard_gives_no_estimate(n):
     cfg = small_cfg()
-    assert n < cfg["eval"]["k"] + 5
+    assert n < cfg.eval.k + 5
     x = clustered(n, seed=n)
     out = client_tasks.evaluate(eval_state(clustered(300)), x, np.arange(n), cfg, policy(min_count=5))
     assert out["estimate.queries"] == 0.0
@@ -615,16 +624,16 @@ def test_search_refuses_raw_index_kinds(tmp_path, shard_data, kind):
     make_shard(tmp_path / "s", kind, x[:50], ids[:50])
     assert Shard.open(tmp_path / "s").encoded
     with pytest.raises(Refusal) as info:
-        shard_store.search(tmp_path / "s", x[:2], {"k": 5}, policy())
+        shard_store.search(tmp_path / "s", x[:2], SearchRequest(mode="search", k=5), policy())
     assert info.value.limit == "index-kind" and kind in info.value.reason
     with pytest.raises(Refusal, match="stores raw vectors"):
-        shard_store.search(tmp_path / "s", x[:2], {"radius": 1.0}, policy())
+        shard_store.search(tmp_path / "s", x[:2], SearchRequest(mode="search", radius=1.0), policy())
 
 
 def test_pq_search_distances_on_grid(pq_shard, shard_data):
     x, ids, _ = shard_data
     q = x[:8] + 0.05
-    out, version = shard_store.search(pq_shard, q, {"k": 10}, policy(distance_grid=0.01))
+    out, version = shard_store.search(pq_shard, q, SearchRequest(mode="search", k=10), policy(distance_grid=0.01))
     assert version == 0 and set(out) == {"distances", "ids"}
     d_raw, i_raw = Shard.open(pq_shard).search(q, 10)
     np.testing.assert_array_equal(out["ids"], i_raw)
@@ -640,7 +649,7 @@ def test_pq_search_distances_on_grid(pq_shard, shard_data):
 def test_pq_search_padding_with_k_above_shard_size(tmp_path, shard_data):
     x, ids, books = shard_data
     make_shard(tmp_path / "s", "pq", x[:5], ids[:5], books)
-    out, _ = shard_store.search(tmp_path / "s", x[:1], {"k": 8}, policy())
+    out, _ = shard_store.search(tmp_path / "s", x[:1], SearchRequest(mode="search", k=8), policy())
     assert (out["ids"][0, 5:] == -1).all()
     d_raw, _ = Shard.open(tmp_path / "s").search(x[:1], 8)
     np.testing.assert_array_equal(out["distances"][0, 5:], d_raw[0, 5:])  # padding as faiss returns it
@@ -653,7 +662,7 @@ def test_pq_range_search_within_limit_is_rounded(pq_shard, shard_data):
     radius = float(shard.search(q, 40)[0][:, 20].min())  # about 20 results per query
     lims_raw, d_raw, i_raw = shard.range_search(q, radius)
     assert 0 < np.diff(lims_raw).max() <= 100
-    out, _ = shard_store.search(pq_shard, q, {"radius": radius}, policy(distance_grid=0.1))
+    out, _ = shard_store.search(pq_shard, q, SearchRequest(mode="search", radius=radius), policy(distance_grid=0.1))
     np.testing.assert_array_equal(out["lims"], lims_raw)
     np.testing.assert_array_equal(out["ids"], i_raw)
     steps = out["distances"].astype(np.float64) / 0.1
@@ -663,9 +672,9 @@ def test_pq_range_search_within_limit_is_rounded(pq_shard, shard_data):
 def test_pq_range_search_above_limit_is_refused_whole(pq_shard, shard_data):
     x, _, _ = shard_data
     with pytest.raises(Refusal) as info:
-        shard_store.search(pq_shard, x[:2], {"radius": 1e6}, policy(max_range_results=100))
+        shard_store.search(pq_shard, x[:2], SearchRequest(mode="search", radius=1e6), policy(max_range_results=100))
     assert info.value.limit == "max-range-results" and "300 results" in info.value.reason
-    out, _ = shard_store.search(pq_shard, x[:2], {"radius": 1e6}, policy(max_range_results=300))
+    out, _ = shard_store.search(pq_shard, x[:2], SearchRequest(mode="search", radius=1e6), policy(max_range_results=300))
     assert np.diff(out["lims"]).tolist() == [300, 300]
 
 
@@ -721,7 +730,7 @@ def test_client_app_query_budget_spans_messages(pq_shard, shard_data):
 def test_client_app_shard_node_refuses_trusted_eval(pq_shard):
     cfg = composed(*SMALL)
     cfg["eval"]["protocol"] = "trusted"
-    rec = client_config(cfg)
+    rec = client_config(load_experiment(cfg))
     limit, reason = refusal_of(make_client_app()(query_msg(np.zeros((2, D), np.float32), **dict(rec.items())),
                                                  context({"shard-dir": str(pq_shard)})))
     assert limit == "trusted-eval" and "simulations only" in reason
@@ -744,9 +753,9 @@ def test_client_app_tiny_shard_init_is_withheld(tmp_path, shard_data):
     x, ids, _ = shard_data
     make_shard(tmp_path / "tiny", "flat", x[:3], ids[:3])
     cfg = composed(*SMALL, "privacy=trusted", "init.source=clients")  # k-FED init: the trusted protocol only
-    config = ConfigRecord({**dict(client_config(cfg).items()), "init-level": "pq"})
+    config = ConfigRecord({**dict(client_config(load_experiment(cfg)).items()), "init-level": "pq"})
     msg = message("train.init", {"config": config, "arrays": encoder_record(initial_weights(D, "rotation"))})
-    reply = make_client_app(ClientPolicy.for_simulation(cfg))(msg, context({"shard-dir": str(tmp_path / "tiny")}))
+    reply = make_client_app(ClientPolicy.for_simulation(load_experiment(cfg)))(msg, context({"shard-dir": str(tmp_path / "tiny")}))
     assert "init" not in reply.content
     assert "3 vector(s)" in reply.content["withheld"]["reason"] and "min-count=5" in reply.content["withheld"]["reason"]
     assert reply.content["metrics"]["num-examples"] == 0.0
