@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from fed_app.encoder import (
-    ENCODER_KINDS,
     ROTATION_KEY,
     Encoder,
     TrainSettings,
@@ -17,6 +16,7 @@ from fed_app.encoder import (
     load_encoder,
     train_encoder,
 )
+from fed_app.experiment import ENCODER_KINDS
 from vector_index.quantizers import make_product_quantizer, squared_errors
 
 N, D, M, NBITS = 512, 16, 4, 4
