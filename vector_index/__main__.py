@@ -1,5 +1,7 @@
 """Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode}``.
 
+``import`` reads .npy/.fvecs files or a collection of Milvus Lite, Qdrant or LanceDB.
+
 Errors print one line to stderr and exit with status 2; a failed import into a new
 directory removes what it created.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .connectors import is_source_uri, read_source
 from .quantizers import IndexSpec, reference_codebooks, train_reference_index
 from .store import Shard
 from .validation import VectorError
@@ -69,9 +72,17 @@ def remove_created(root: Path, existed: bool) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def read_input(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
+    """(vectors, ids or None) from a file, or from a database named by a source URI."""
+    if is_source_uri(args.vectors):
+        if args.ids:
+            raise VectorError("--ids: a database source brings its own ids; drop --ids")
+        return read_source(args.vectors, batch_size=args.batch_size)
+    return read_vectors(args.vectors), read_ids(args.ids) if args.ids else None
+
+
 def cmd_import(args: argparse.Namespace) -> None:
-    x = read_vectors(args.vectors)
-    ids = read_ids(args.ids) if args.ids else None
+    x, ids = read_input(args)
     root = Path(args.shard)
     existed = root.exists()
     if (root / "CURRENT").exists():
@@ -149,7 +160,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("import", help="create a shard or add vectors to it")
-    imp.add_argument("vectors", help=".npy or .fvecs file of float vectors")
+    imp.add_argument("vectors", help=".npy or .fvecs file of float vectors, or a database: milvus:///path/milvus.db?collection=NAME, "
+                     "qdrant:///path?collection=NAME, lancedb:///path?table=NAME (ids kept; see vector_index/connectors.py)")
+    imp.add_argument("--batch-size", type=int, default=10_000, help="rows read per request from a database source")
     imp.add_argument("shard", help="shard directory (created if missing)")
     imp.add_argument("--ids", help=".npy or .ivecs ids (default: numbered after the largest id)")
     imp.add_argument("--upsert", action="store_true", help="replace vectors whose ids exist")
