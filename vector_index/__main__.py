@@ -1,4 +1,4 @@
-"""Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode}``.
+"""Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode,export-lancedb}``.
 
 ``import`` reads .npy/.fvecs files or a collection of Milvus Lite, Qdrant or LanceDB.
 
@@ -155,6 +155,16 @@ def cmd_reencode(args: argparse.Namespace) -> None:
     print(f"re-encoded {len(shard)} vectors of {args.shard} with model version {version}, version {shard.version}")
 
 
+def cmd_export_lancedb(args: argparse.Namespace) -> None:
+    from .lancedb_export import export_lancedb
+
+    shard = Shard.open(args.shard)
+    out = export_lancedb(shard, args.dest, args.table or Path(args.shard).resolve().name, overwrite=args.overwrite)
+    print(f"wrote table {out['table']!r} ({out['rows']} rows) to {args.dest}: IVF_PQ on {out['vector_column']!r} from the shard's "
+          f"codebooks (model version {out['model_version']}, {out['partitions']} partition(s), PQ{out['sub_vectors']}x{out['nbits']}), "
+          f"search it with nprobes={out['nprobe']}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vector_index", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +210,12 @@ def parser() -> argparse.ArgumentParser:
     reen.add_argument("codebooks", help=".npz (pq, coarse, A, b, model_version)")
     reen.add_argument("--model-version", type=int)
     reen.set_defaults(run=cmd_reencode)
+    exp = sub.add_parser("export-lancedb", help="write the shard as a LanceDB table indexed with its federated codebook")
+    exp.add_argument("shard")
+    exp.add_argument("dest", help="LanceDB database directory (created if missing)")
+    exp.add_argument("--table", help="table name (default: the shard directory's name)")
+    exp.add_argument("--overwrite", action="store_true", help="replace the table if it exists")
+    exp.set_defaults(run=cmd_export_lancedb)
     return p
 
 

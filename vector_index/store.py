@@ -205,6 +205,14 @@ class Shard:
         return self._codebooks is not None
 
     @property
+    def model(self) -> tuple[dict[str, np.ndarray], Transform | None]:
+        """(codebooks, transform) of the global model the index is encoded with (copies)."""
+        if self._codebooks is None:
+            raise VectorError(f"shard {str(self.path)!r} has not received a global model yet")
+        books = {k: v.copy() for k, v in self._codebooks.items()}
+        return books, (self._transform[0].copy(), self._transform[1].copy()) if self._transform is not None else None
+
+    @property
     def dirty(self) -> bool:
         return self._dirty
 
