@@ -38,15 +38,19 @@ def load_experiment(cfg: dict[str, Any] | Experiment) -> Experiment:
     return cfg if isinstance(cfg, Experiment) else parse(Experiment, cfg)
 
 
-def validate(cfg: dict[str, Any] | Experiment, dim: int, num_vectors: int) -> Experiment:
+def validate(cfg: dict[str, Any] | Experiment, dim: int, num_vectors: int, num_public: int | None = None) -> Experiment:
     """Refuse what cannot work, before any client starts: the schema first, then what
-    depends on the data's shape and on several groups together."""
+    depends on the data's shape and on several groups together. Returns the experiment
+    with what depends on the data resolved (``index.m=auto``).
+
+    ``num_public``: the server's public vectors for ``init.source=public`` (None: not known)."""
 
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {why}")
 
     exp = load_experiment(cfg)
+    exp = exp.model_copy(update={"index": exp.index.resolved(dim)})
     n = exp.num_clients
     need(n <= num_vectors, "num_clients", f"{n} clients but only {num_vectors} base vectors")
     idx = exp.index
@@ -55,6 +59,12 @@ def validate(cfg: dict[str, Any] | Experiment, dim: int, num_vectors: int) -> Ex
         need(num_vectors >= 1 << idx.nbits, "index.nbits", f"2^{idx.nbits} centroids but only {num_vectors} vectors")
     if idx.nlist is not None:
         need(idx.nlist <= num_vectors, "index.nlist", f"must be in 1..{num_vectors}, got {idx.nlist}")
+    if exp.init.source == "public" and num_public is not None and exp.codebook_update != "local":
+        sizes = ([1 << idx.nbits] if idx.nbits is not None else []) + ([idx.nlist] if idx.nlist is not None else [])
+        most = max(sizes, default=0)
+        need(num_public >= most, "init.source",
+             f"public init: {num_public} public vectors ({'init.public_path' if exp.init.public_path else 'the held-out data.num_queries'}) "
+             f"cannot seed {most} centroids; raise data.num_queries, give init.public_path, or lower index.nbits")
     if idx.kind == "opqpq":
         need(exp.model.kind == "rotation", "model", "index=opqpq needs model=rotation (the OPQ rotation is the encoder)")
     if idx.ef_search is not None:

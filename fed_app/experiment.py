@@ -109,17 +109,24 @@ def spec_of(section: BaseModel) -> dict[str, Any]:
 
 INDEX_KEYS = {
     "flat": (),
-    "pq": ("m", "nbits"),
-    "opqpq": ("m", "nbits"),
-    "ivfpq": ("m", "nbits", "nlist", "nprobe"),
+    "pq": ("m", "nbits", "subspace_dims"),
+    "opqpq": ("m", "nbits", "subspace_dims"),
+    "ivfpq": ("m", "nbits", "subspace_dims", "nlist", "nprobe"),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
-    "hnswpq": ("m", "nbits", "hnsw_m", "ef_construction", "ef_search"),
+    "hnswpq": ("m", "nbits", "subspace_dims", "hnsw_m", "ef_construction", "ef_search"),
 }
+
+
+def auto_m(dim: int, subspace_dims: int) -> int:
+    """``index.m=auto``: the divisor of ``dim`` nearest ``dim / subspace_dims`` (the larger on a tie)."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(m - dim / subspace_dims), -m))
 
 
 class Index(Section):
     kind: Literal[INDEX_KINDS]  # type: ignore[valid-type]
-    m: Positive | None = None
+    m: Positive | Literal["auto"] | None = None
+    subspace_dims: Positive | None = None  # m=auto: dimensions per sub-space it aims at
     nbits: Annotated[int, Field(ge=1, le=16)] | None = None
     nlist: Positive | None = None
     nprobe: Positive | None = None
@@ -140,12 +147,20 @@ class Index(Section):
             raise ValueError(f"index.nprobe: must be <= index.nlist={self.nlist}, got {self.nprobe}")
         return self
 
+    def resolved(self, dim: int) -> "Index":
+        """``m=auto`` replaced by its value for ``dim`` (the server does this once it knows the data)."""
+        if self.m != "auto":
+            return self
+        return self.model_copy(update={"m": auto_m(dim, self.subspace_dims)})  # type: ignore[arg-type]
+
     @property
     def spec(self) -> "IndexSpec":
         """The faiss-side description (``vector_index`` knows nothing of this schema)."""
         from vector_index.quantizers import IndexSpec  # faiss: not for the secure-aggregation stages
 
-        return IndexSpec(**self.model_dump(exclude_none=True))
+        if self.m == "auto":
+            raise ConfigError("index.m: auto is resolved on the server once the data's dimension is known")
+        return IndexSpec(**self.model_dump(exclude_none=True, exclude={"subspace_dims"}))
 
 
 class Model(Section):
@@ -291,6 +306,7 @@ class Experiment(Shared):
     save_shards: bool
     min_clients: Positive
     resume: str | None = None
+    verbose: bool
     privacy: Privacy
 
     @model_validator(mode="after")
@@ -324,6 +340,12 @@ class ClientView(Shared):
     init_level: Literal[INIT_LEVELS] | None = Field(None, alias="init-level")  # type: ignore[valid-type]
     deploy: Deploy | None = None
 
+    @model_validator(mode="after")
+    def _resolved(self) -> "ClientView":
+        if self.index.m == "auto":
+            raise ValueError("index.m: auto must be resolved by the server (it knows the data's dimension), not sent")
+        return self
+
 
 class SearchRequest(Section):
     """A search of the deployed federation: top-k (``k``, optionally ``rerank``) or range."""
@@ -356,8 +378,10 @@ def explain(exc: ValidationError, values: dict[str, Any], what: str = "config") 
     """pydantic's first error as ``key: what is wrong, got value`` (union tags dropped)."""
     err = exc.errors(include_url=False)[0]
     loc, node, names = list(err["loc"]), values, []
-    for i, part in enumerate(loc):  # a discriminated union puts its tag in the location
-        if isinstance(node, dict) and part not in node and i < len(loc) - 1:
+    for i, part in enumerate(loc):
+        if not isinstance(node, dict):  # past the value: the rest names a union member
+            break
+        if part not in node and i < len(loc) - 1:  # a discriminated union's tag
             continue
         names.append(str(part))
         node = node.get(part) if isinstance(node, dict) else None

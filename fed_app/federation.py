@@ -286,7 +286,7 @@ def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Pat
     t0 = time.time()
     cfg = load_experiment(config)  # types and ranges, before the data is even loaded
     data = load_dataset(cfg.data)
-    validate(cfg, data.base.shape[1], data.base.shape[0])
+    cfg = validate(cfg, data.base.shape[1], data.base.shape[0], None if cfg.init.public_path else data.queries.shape[0])
     spec = cfg.index.spec
     timeout = cfg.timeout_s
     wait_for_nodes(grid, cfg.num_clients, cfg.nodes_wait_s)

@@ -20,6 +20,7 @@ from .config import compose_config, load_experiment
 from .experiment import Experiment
 from .federation import run_federation
 from .interrupts import Interrupted, StoppableGrid
+from .quiet_log import quiet_flower
 from .search_mode import run_search
 from .summary import DirtyRunDir, write_failure
 
@@ -50,7 +51,8 @@ def main(grid: Grid, context: Context) -> None:
         return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
     try:
-        print(run_federation(StoppableGrid(grid), cfg, out_dir), flush=True)  # type: ignore[arg-type]
+        with quiet_flower(cfg.verbose):
+            print(run_federation(StoppableGrid(grid), cfg, out_dir), flush=True)  # type: ignore[arg-type]
     except DirtyRunDir:
         raise  # another run's directory: write nothing there
     except Exception as exc:

@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fed_app.config import compose_config, load_experiment
+from fed_app.config import compose_config, load_experiment, validate
 from fed_app.encoder import encode, load_encoder
 from fed_app.federated_search import federated_search, search_federation
 from fed_app.federation import run_federation
@@ -232,6 +232,8 @@ def run_setting(
     ``differencing``: after training (and the probes) the server also asks for the
     statistics :func:`differencing_probes` differences."""
     cfg = load_experiment(compose_config(overrides))
+    data = data_of(cfg)
+    cfg = validate(cfg, data.base.shape[1], data.base.shape[0])  # index.m=auto resolved, as the server does
     holder: dict[str, Any] = {}
     path = simulate(cfg, out_dir, server_app=attacker_app(cfg, out_dir, holder, rewrite, probe, differencing))
     report = score(name, cfg, data_of(cfg), holder["training"], holder["probes"], out_dir, holder["differencing"])

@@ -36,6 +36,7 @@ from fed_app.experiment import Experiment
 from fed_app.interrupts import STOP
 from fed_app.local_data import load_dataset
 from fed_app.privacy.policy import ClientPolicy
+from fed_app.quiet_log import quiet_flower
 from fed_app.server_app import make_server_app
 from fed_app.summary import DirtyRunDir, check_fresh_run_dir, write_failure
 
@@ -55,6 +56,7 @@ def _start_ray(init_args: dict[str, Any]) -> None:
         return
     pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     os.environ["PYTHONPATH"] = pythonpath
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silences Ray's FutureWarning about them
     ours = signal.getsignal(signal.SIGTERM)
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
     if threading.current_thread() is threading.main_thread() and ours is not None:
@@ -71,8 +73,17 @@ def simulate(config: dict | Experiment, out_dir: Path, server_app: ServerApp | N
     check_fresh_run_dir(out_dir)  # before any client starts
     cfg = load_experiment(config)  # every key's type and range
     data = load_dataset(cfg.data)  # cached: the in-process ServerApp reuses it
-    validate(cfg, data.base.shape[1], data.base.shape[0])  # refuse before any client starts
+    cfg = validate(cfg, data.base.shape[1], data.base.shape[0], None if cfg.init.public_path else data.queries.shape[0])  # before any client starts
     _start_ray(RAY_INIT_ARGS)
+    with quiet_flower(cfg.verbose):
+        _run(cfg, out_dir, server_app, client_mods)
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        raise RuntimeError(f"the run wrote no {path}; see the log above for the server's error")
+    return path
+
+
+def _run(cfg: Experiment, out_dir: Path, server_app: ServerApp | None, client_mods: list | None) -> None:
     run_simulation(
         server_app=server_app or make_server_app(cfg, out_dir),
         # the simulated clients hold the experiment's privacy group themselves: no
@@ -81,10 +92,6 @@ def simulate(config: dict | Experiment, out_dir: Path, server_app: ServerApp | N
         num_supernodes=cfg.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": RAY_INIT_ARGS},
     )
-    path = out_dir / "summary.json"
-    if not path.is_file():
-        raise RuntimeError(f"the run wrote no {path}; see the log above for the server's error")
-    return path
 
 
 log = logging.getLogger(__name__)

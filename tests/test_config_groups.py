@@ -46,10 +46,14 @@ def test_option_reaches_client(group: str, option: str) -> None:
     extra = NPY_OVERRIDES if (group, option) == ("data", "npy") else []
     cfg = compose_config([f"{group}={option}", "num_clients=7", "train.lam=2.5", *extra])
     exp = load_experiment(cfg)  # every key of the option is in the schema (unknown keys are refused)
+    exp = exp.model_copy(update={"index": exp.index.resolved(50)})  # m=auto: as the server resolves it for GloVe
     got = _over_the_wire(exp)
 
     assert _shared(got) == _shared(exp)
-    assert flatten(_shared(got)) == flatten({k: v for k, v in cfg.items() if k in Shared.model_fields})
+    sent = {k: v for k, v in cfg.items() if k in Shared.model_fields}
+    if sent["index"].get("m") == "auto":
+        sent["index"]["m"] = 10
+    assert flatten(_shared(got)) == flatten(sent)
     assert got.num_clients == 7 and got.train.lam == 2.5
     if group in ("data", "partition"):
         assert getattr(got, group).target == cfg[group]["_target_"]
@@ -103,7 +107,7 @@ def _wrong(value: object) -> object:
         return "yes"
     if isinstance(value, (int, float)):
         return "abc"
-    return 12345
+    return "often" if value == "auto" else 12345  # index.m: a number or "auto"
 
 
 DEFAULT_LEAVES = [(k, v) for k, v in _leaves(compose_config([])) if v is not None]
@@ -153,7 +157,7 @@ def test_schema_refuses_with_the_key(overrides: list[str], message: str) -> None
 def test_client_refuses_a_config_outside_the_schema() -> None:
     """The client parses what the server sends with the same schema: a value out of range,
     an unknown key or a loader outside the schema is refused, naming the key."""
-    good = client_config(load_experiment(compose_config([])))
+    good = client_config(validate(compose_config([]), dim=50, num_vectors=100_000))
     for key, value, named in [("train.lr", -1.0, "train.lr"), ("train.lrr", 0.1, "train.lrr"),
                               ("data._target_", "os.system", "data._target_"), ("server-round", -3, "server-round")]:
         record = type(good)(dict(good.items()))
@@ -161,3 +165,22 @@ def test_client_refuses_a_config_outside_the_schema() -> None:
         with pytest.raises(Refusal, match=rf"the config the server sent is refused: {key.replace('.', '[.]')}") as exc:
             received_config(record)
         assert exc.value.limit == "config" and named in exc.value.reason
+
+
+@pytest.mark.parametrize(("dim", "m"), [(50, 10), (16, 4), (128, 32), (768, 128), (7, 1), (1, 1)])
+def test_m_auto_picks_a_divisor_near_five_dimensions_per_subspace(dim, m):
+    exp = validate(compose_config(["data=synthetic", f"data.dim={dim}"]), dim=dim, num_vectors=3000, num_public=300)
+    assert exp.index.m == m and dim % m == 0
+    assert exp.as_dict()["index"]["m"] == m  # summary.json records the value used
+
+
+def test_the_client_refuses_an_unresolved_m_auto():
+    record = client_config(load_experiment(compose_config([])))
+    assert record["index.m"] == "auto"
+    with pytest.raises(Refusal, match=r"index\.m: auto must be resolved by the server"):
+        received_config(record)
+
+
+def test_too_few_public_vectors_for_the_codebook_is_refused_before_any_client_starts():
+    with pytest.raises(ConfigError, match=r"^init\.source: public init: 200 public vectors \(the held-out data\.num_queries\) cannot seed 256 centroids"):
+        validate(compose_config(["data=synthetic", "data.num_queries=200"]), dim=16, num_vectors=3000, num_public=200)

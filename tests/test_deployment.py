@@ -68,7 +68,7 @@ RUN_TIMEOUT = 1200
 SECURE_SUM = re.compile(r"round (\d+) (train|evaluate): secure sum of (\d+) client\(s\) \(threshold (\d+) of (\d+)\)")
 # Flower's log of aggregate_train's metrics; "clients" is a secure sum of ones, noise-free even
 # under DP: it decodes to exactly the number of clients summed only if every mask was removed
-SUMMED_CLIENTS = re.compile(r"Aggregated MetricRecord: \{'clients': ([0-9.e+-]+)\}")
+SUMMED_CLIENTS = re.compile(r"round \d+ train: secure sum of (\d+) client\(s\)")  # fedvec's own line (Flower's record dumps are filtered)
 
 VENV_BIN = Path(sys.executable).parent
 SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -84,9 +84,18 @@ def make_index(spec: IndexSpec, dim: int, codebooks: dict[str, np.ndarray] | Non
     return with_transform(index, *transform) if transform is not None else index
 
 
+FILL_CHUNK = 1 << 16  # rows encoded per faiss call while filling (a progress bar step on a terminal)
+
+
 def fill(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    if ids.size:
-        index.add_with_ids(vectors, ids)
+    """``index`` with the vectors added under their ids; a progress bar on a terminal
+    when there is more than one chunk (encoding a large shard takes a while)."""
+    from tqdm import tqdm
+
+    with tqdm(total=int(ids.size), unit="vec", desc="encode", disable=True if ids.size <= FILL_CHUNK else None) as bar:
+        for start in range(0, int(ids.size), FILL_CHUNK):
+            index.add_with_ids(vectors[start:start + FILL_CHUNK], ids[start:start + FILL_CHUNK])
+            bar.update(min(FILL_CHUNK, int(ids.size) - start))
     return index
 
 
