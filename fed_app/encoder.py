@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from .experiment import ENCODER_KINDS
+
 
 class Encoder(nn.Module):
     """``affine``: z = A x + b. ``rotation``: z = R x with R orthogonal (torch's
@@ -27,6 +29,8 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int, kind: str) -> None:
         super().__init__()
+        if kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder kind {kind!r} must be one of {ENCODER_KINDS}")
         self.linear = nn.Linear(dim, dim, bias=kind == "affine")
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(dim))

@@ -296,8 +296,17 @@ class Shared(Section):
         return self.strategy.flower.codebook_update
 
 
+class ScenarioInfo(Section):
+    """``conf/scenario/*.yaml``: which situation a run models, said in summary.json."""
+
+    name: str
+    models: str
+
+
 class Experiment(Shared):
     """One run, as composed from ``conf/`` and checked (see the yaml files for meanings)."""
+
+    scenario_info: ScenarioInfo | None = None  # set by a scenario=... choice
 
     num_rounds: Positive
     fraction_train: Finite = Field(gt=0, le=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fed_app.experiment import SearchRequest
 from fed_app import shard_store
 from fed_app.lloyd import local_centroids
 from fed_app.privacy.policy import ClientPolicy, Refusal
@@ -35,8 +36,8 @@ def policy(**changes) -> ClientPolicy:
 def test_rerank_returns_exact_order_with_compressed_distances(pq_shard):
     path, data = pq_shard
     q = data.queries
-    plain, _ = shard_store.search(path, q, {"k": K}, policy(distance_grid=0.0))
-    out, _ = shard_store.search(path, q, {"k": K, "rerank": 100}, policy(distance_grid=0.0))
+    plain, _ = shard_store.search(path, q, SearchRequest(mode="search", k=K), policy(distance_grid=0.0))
+    out, _ = shard_store.search(path, q, SearchRequest(mode="search", k=K, rerank=100), policy(distance_grid=0.0))
     shard = Shard.open(path)
     cand_d, cand_i = shard.search(q, 100)
     exact = ((shard.vectors(out["ids"].ravel()).reshape(*out["ids"].shape, 16) - q[:, None]) ** 2).sum(axis=2)
