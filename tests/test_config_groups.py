@@ -7,6 +7,8 @@ the composed values, and be able to act on them (index spec, codebook mode, load
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
 from flwr.proto.recorddict_pb2 import ConfigRecord as ProtoConfigRecord
@@ -110,14 +112,15 @@ def _wrong(value: object) -> object:
     return "often" if value == "auto" else 12345  # index.m: a number or "auto"
 
 
-DEFAULT_LEAVES = [(k, v) for k, v in _leaves(compose_config([])) if v is not None]
+DEFAULT = compose_config([])  # composed once; each test changes a deep copy
+DEFAULT_LEAVES = [(k, v) for k, v in _leaves(DEFAULT) if v is not None]
 
 
 @pytest.mark.parametrize(("key", "value"), DEFAULT_LEAVES, ids=[k for k, _ in DEFAULT_LEAVES])
 def test_every_key_is_typed_and_a_wrong_type_is_named(key: str, value: object) -> None:
     """Every key of the default experiment: a value of the wrong type is refused before
     anything runs, by an error that starts with the key."""
-    cfg = compose_config([])
+    cfg = copy.deepcopy(DEFAULT)
     node = cfg
     *parents, leaf = key.split(".")
     for p in parents:
