@@ -183,6 +183,11 @@ class Init(Section):
     kmeans_iters: Positive
 
 
+class Stop(Section):
+    tol: Finite | None = Field(None, ge=0)  # null: no early stopping
+    patience: Positive
+
+
 class Eval(Section):
     protocol: Literal[EVAL_PROTOCOLS]  # type: ignore[valid-type]
     k: Annotated[int, Field(ge=10)]  # 10-recall@10 needs 10 neighbours
@@ -316,6 +321,7 @@ class Experiment(Shared):
     min_clients: Positive
     resume: str | None = None
     verbose: bool
+    stop: Stop
     privacy: Privacy
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from .config import load_experiment, validate
 from .experiment import Experiment
 from .encoder import affine_of, encode, initial_weights, load_encoder
 from .federated_search import federated_search
+from .early_stop import EarlyStop, StopTraining
 from .interrupts import check_stop
 from .local_data import load_dataset
 from .privacy.report import privacy_summary
@@ -218,6 +219,7 @@ class RoundEvaluator:
         self.out_dir: Path | None = None  # where the checkpoint goes after every round
         self.resumed_wall_s = 0.0  # wall time of the interrupted run(s) this one continues
         self.init_info: dict[str, Any] = {}  # what the init cost and who withheld (a resumed run reports it too)
+        self.stopper = EarlyStop(cfg.stop.tol, cfg.stop.patience) if cfg.stop.tol is not None else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         offset = self.strategy.round_offset
@@ -256,6 +258,10 @@ class RoundEvaluator:
             logs = {"strategy": self.strategy.checkpoint_logs(), "rounds": self.rounds, "source": self.source,
                     "wall_s": round(time.time() - self.t0, 2) + self.resumed_wall_s, "init": self.init_info}
             checkpoint.save(self.out_dir, server_round, self.cfg.as_dict(), arrays_of(arrays), self.strategy.moments(), logs)
+        if self.stopper is not None and self.stopper.update(server_round, row.get("estimate.distortion"), arrays) and server_round > 0:
+            log(INFO, "[fedvec] stopping after round %d: %s; the final model is round %s's",
+                server_round, self.stopper.report(self.cfg.num_rounds)["reason"], self.stopper.best_round)
+            raise StopTraining
         return MetricRecord({k: v for k, v in row.items() if k != "round"})
 
     def _truth_or_estimate(self, server_round: int, arrays: ArrayRecord, row: dict[str, float]) -> dict[str, float]:
@@ -346,20 +352,30 @@ def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Pat
     if resumed is not None:
         strategy.restore(resumed.logs["strategy"], resumed.moments, resumed.round)
         evaluator.rounds, evaluator.source, evaluator.resumed_wall_s = resumed.logs["rounds"], resumed.logs["source"], float(resumed.logs["wall_s"])
-    result = strategy.start(
-        grid,
-        state.to_record(),
-        num_rounds=cfg.num_rounds - (resumed.round if resumed else 0),
-        timeout=timeout,
-        train_config=client_config(cfg),
-        evaluate_config=client_config(cfg),
-        evaluate_fn=evaluator,
-    )
-    final_state = GlobalState.from_record(result.arrays)
+    try:
+        final_arrays = strategy.start(
+            grid,
+            state.to_record(),
+            num_rounds=cfg.num_rounds - (resumed.round if resumed else 0),
+            timeout=timeout,
+            train_config=client_config(cfg),
+            evaluate_config=client_config(cfg),
+            evaluate_fn=evaluator,
+        ).arrays
+    except StopTraining:
+        final_arrays = None  # the stopper holds the best model
+    stopper = evaluator.stopper
+    if stopper is not None and stopper.best_model is not None:
+        final_arrays = stopper.best_model  # the best round's model is the one saved and deployed
+    final_state = GlobalState.from_record(final_arrays)
     model_version = int(t0)  # seconds since the epoch: newer models have larger versions
     model_path = save_global_model(final_state, model_version, out_dir)
-    deployed = deploy_model(grid, result.arrays, cfg, out_dir, model_version, timeout) if cfg.save_shards else None
+    deployed = deploy_model(grid, final_arrays, cfg, out_dir, model_version, timeout) if cfg.save_shards else None
     final_row = evaluator.rounds[-1]
+    if stopper is not None and stopper.best_round is not None:
+        final_row = next(r for r in evaluator.rounds if r["round"] == stopper.best_round)
+        if "recall_10_at_10" not in final_row:  # not an evaluation round: measure the final model now
+            final_row = {**final_row, **evaluator._truth_or_estimate(stopper.best_round, final_arrays, final_row)}
     federated = {k: final_row[k] for k in FINAL_KEYS if k in final_row}
     federated["source"] = evaluator.source
     estimate = {k: final_row[f"estimate.{k}"] for k in FINAL_KEYS if f"estimate.{k}" in final_row}
@@ -393,7 +409,8 @@ def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Pat
         "missing_nodes": {str(r): ids for r, ids in strategy.missing.items() if ids},
         "rejected_nodes": strategy.rejected,
         "rejected_models": {str(r): why for r, why in strategy.rejected_models.items()},
-        "model_bytes": int(sum(a.nbytes for a in arrays_of(result.arrays).values())) if result.arrays else 0,
+        "model_bytes": int(sum(a.nbytes for a in arrays_of(final_arrays).values())),
+        "stopped": stopper.report(cfg.num_rounds) if stopper is not None else {"reason": "num_rounds (stop.tol=null)", "round": cfg.num_rounds},
     }
     path = write_summary(out_dir, summary)
     for line in final_table(final).splitlines():

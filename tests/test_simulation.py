@@ -88,3 +88,24 @@ def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path
     assert same.all() and (ids == is_).mean() > 0.9
     owner = {int(i): n for n, s in enumerate(shards) for i in s.ids}
     assert all(owner[int(i)] == n for i, n in zip(ids.ravel(), nodes.ravel()))
+
+
+def test_early_stopping_stops_says_why_and_keeps_the_best_model(tiny_cfg, tmp_path):
+    """stop.tol=0.5: no round improves the distortion estimate by half, so training stops
+    after stop.patience=2 rounds of 8; summary.json says why, and the final model (saved,
+    deployed, reported) is the best round's by the federation's own estimate."""
+    cfg = tiny_cfg("num_clients=3", "num_rounds=8", "privacy=trusted", "stop.tol=0.5", "stop.patience=2", "eval.centralized=false")
+    summary = json.loads(simulate(cfg, tmp_path).read_text())
+    stopped = summary["stopped"]
+    assert stopped["round"] == 2 and stopped["reason"].startswith("stop.tol"), stopped
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    estimates = {r["round"]: r["estimate.distortion"] for r in summary["rounds"]}
+    best = min(estimates, key=estimates.get)
+    assert stopped["best_round"] == best and stopped["best_distortion_estimate"] == estimates[best]
+    row = next(r for r in summary["rounds"] if r["round"] == best)
+    assert summary["final"]["federated"]["distortion"] == row["distortion"]
+    assert summary["final"]["federated"]["recall_10_at_10"] == row["recall_10_at_10"]
+    model = np.load(summary["global_model"])
+    shard = Shard.open(tmp_path / "shards" / "client-0")
+    assert shard.model_version == int(model["model_version"])
+    np.testing.assert_array_equal(shard.model[0]["pq"], model["codebook.pq"])  # the deployed model is the final one
