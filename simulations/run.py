@@ -28,6 +28,7 @@ import hydra
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fed_app.client_app import make_client_app
@@ -108,6 +109,27 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def sweep_size(argv: list[str]) -> int:
+    """How many runs ``-m`` makes of these command-line overrides (Hydra's own parser)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    size = 1
+    for o in overrides:
+        if o.is_sweep_override():
+            size *= len(list(o.sweep_string_iterator()))
+    return size
+
+
+def _progress(hc: Any, status: str, wall: float) -> None:
+    """One line per finished run of a sweep: how far it is."""
+    if hc.mode is not RunMode.MULTIRUN:
+        return
+    done = int(hc.job.num) + 1
+    total = sweep_size(sys.argv[1:])
+    log.info("[sweep %d/%d] %s in %.1f s: %s", done, total, status, wall, " ".join(hc.overrides.task) or "(no overrides)")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> str | None:
     """One Hydra job. Never raises an ordinary error: a failure is written to failed.json,
@@ -142,9 +164,11 @@ def main(cfg: DictConfig) -> str | None:
             "RUN FAILED [%s] %s: %s\n%s  (written to %s)",
             " ".join(overrides) or "(no overrides)", type(exc).__name__, exc, failure["traceback"], out_dir / FAILED_FILE,
         )
+        _progress(hc, "failed", wall)
         return None
     wall = round(time.perf_counter() - t0, 3)
     _write_json(out_dir / TIMING_FILE, {"status": "ok", "started": started, "finished": _now(), "wall_time_s": wall})
+    _progress(hc, "ok", wall)
     print(path, flush=True)
     return str(path)
 

@@ -43,6 +43,8 @@ def test_sweep_runs_every_combination_and_reports_it(tmp_path: Path) -> None:
         assert not (sweep / job / "failed.json").exists()
         summaries[summary["config"]["strategy"]["name"]] = summary
     assert set(summaries) == {"fedlloyd", "avg_refined"}
+    out = proc.stdout + proc.stderr  # Hydra's job log: one progress line per finished run
+    assert "[sweep 1/2] ok in" in out and "[sweep 2/2] ok in" in out, out[-3000:]
 
     rows, stdout = make_report(sweep)
     assert [r["strategy"] for r in rows] == ["fedlloyd", "avg_refined"]
@@ -78,3 +80,11 @@ def test_failed_combination_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert [(r["index.m"], r["status"]) for r in rows] == [("4", "ok"), ("5", "failed")]
     assert rows[1]["error"].startswith("ConfigError: index.m")
     assert "| 1 | 5 | failed |" in stdout and "ConfigError: index.m" in stdout
+
+
+def test_sweep_size_counts_every_combination() -> None:
+    from simulations.run import sweep_size
+
+    assert sweep_size(["strategy=fedlloyd,avg_refined", "num_clients=10,50", "seed=0", "-m"]) == 4
+    assert sweep_size(["index.m=range(2,6)", "hydra.sweep.dir=x"]) == 4
+    assert sweep_size([]) == 1
