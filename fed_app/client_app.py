@@ -51,6 +51,7 @@ def _unpack(msg: Message, context: Context, pol: ClientPolicy):
     from .model_guard import check_model, max_norm
 
     cfg = received_config(msg.content["config"])
+    pol.check_work(cfg.train.local_epochs, cfg.init.kmeans_iters)
     arrays = {k: v for name in ("arrays", "codebooks") if name in msg.content for k, v in msg.content[name].items()}
     state = GlobalState.from_record(ArrayRecord(arrays))
     x, ids = _vectors(cfg, context)

@@ -70,6 +70,10 @@ def validate(cfg: dict[str, Any] | Experiment, dim: int, num_vectors: int, num_p
     if idx.ef_search is not None:
         need(idx.ef_search >= exp.eval.k, "index.ef_search", f"must be >= eval.k={exp.eval.k}, got {idx.ef_search}")
     policy = exp.privacy.limits
+    need(exp.train.local_epochs <= policy.max_local_epochs, "train.local_epochs",
+         f"{exp.train.local_epochs} exceeds privacy.max_local_epochs={policy.max_local_epochs}: the clients would refuse it")
+    need(exp.init.kmeans_iters <= policy.max_kmeans_iters, "init.kmeans_iters",
+         f"{exp.init.kmeans_iters} exceeds privacy.max_kmeans_iters={policy.max_kmeans_iters}: the clients would refuse it")
     need(exp.eval.k <= num_vectors, "eval.k", f"{exp.eval.k} neighbours asked of {num_vectors} base vectors")
     if exp.eval.protocol == "trusted":  # under the private protocol k never leaves a shard
         need(exp.eval.k <= policy.max_k, "eval.k", f"{exp.eval.k} exceeds privacy.max_k={policy.max_k}: the clients would refuse it")

@@ -49,6 +49,8 @@ class ClientPolicy:
     model_max_gain: float = 100.0
     model_orthogonal_tol: float = 1e-3
     model_norm_slack: float = 4.0
+    max_local_epochs: int = 10
+    max_kmeans_iters: int = 100
     secure_aggregation: bool = True
     secagg_min_clients: int = 3
     secagg_threshold: float = 0.7
@@ -61,7 +63,7 @@ class ClientPolicy:
     source: str = "defaults"
 
     def __post_init__(self) -> None:
-        for name in ("min_count", "max_k", "max_range_results", "query_budget", "secagg_min_clients", "dp_max_releases"):
+        for name in ("min_count", "max_k", "max_range_results", "query_budget", "secagg_min_clients", "dp_max_releases", "max_local_epochs", "max_kmeans_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{self._key(name)}: must be an integer >= 1, got {value!r} (from {self.source})")
@@ -153,6 +155,13 @@ class ClientPolicy:
     def as_record(self) -> dict[str, float | int | str]:
         """What a client tells the server about its limits (they are not secret)."""
         return {_node_key(f.name): (int(v) if isinstance(v, bool) else v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def check_work(self, local_epochs: int, kmeans_iters: int) -> None:
+        """The work a server may ask of this node per message: bounded here, whatever it sends."""
+        if local_epochs > self.max_local_epochs:
+            raise Refusal("max-local-epochs", f"train.local_epochs={local_epochs} exceeds this node's max-local-epochs={self.max_local_epochs}")
+        if kmeans_iters > self.max_kmeans_iters:
+            raise Refusal("max-kmeans-iters", f"init.kmeans_iters={kmeans_iters} exceeds this node's max-kmeans-iters={self.max_kmeans_iters}")
 
     def check_k(self, k: int) -> None:
         if k > self.max_k:

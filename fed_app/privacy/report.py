@@ -14,7 +14,8 @@ from .dp import epsilon_spent
 if TYPE_CHECKING:
     from ..experiment import Experiment
 
-WEAKEST = {"min-count": min, "max-k": max, "max-range-results": max, "query-budget": max, "distance-grid": min, "examples-digits": max}
+WEAKEST = {"min-count": min, "max-k": max, "max-range-results": max, "query-budget": max, "distance-grid": min, "examples-digits": max,
+           "max-local-epochs": max, "max-kmeans-iters": max}
 
 
 def weakest_limits(node_policies: dict[int, dict[str, Any]]) -> dict[str, Any]:

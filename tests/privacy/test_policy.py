@@ -808,3 +808,19 @@ def test_validate_trusted_k_above_privacy_max_k():
     cfg["eval"]["protocol"] = "trusted"
     with pytest.raises(ConfigError, match=r"^eval\.k: 50 exceeds privacy\.max_k=20"):
         validate(cfg, dim=D, num_vectors=3000)
+
+
+@pytest.mark.parametrize(("key", "value", "limit"), [("train.local_epochs", 11, "max-local-epochs"), ("init.kmeans_iters", 101, "max-kmeans-iters")])
+def test_a_client_refuses_more_work_than_its_own_limit(key, value, limit):
+    """The server picks train.local_epochs and init.kmeans_iters; the client bounds them
+    itself (defaults 10 and 100), so a hostile server cannot make it work without end."""
+    exp = load_experiment(composed(*SMALL, "privacy=trusted"))
+    config = client_config(exp)
+    config[key] = value
+    config["server-round"] = 1
+    msg = message("train", {"config": config, "arrays": encoder_record(initial_weights(D, "rotation"))})
+    reply = make_client_app(ClientPolicy.for_simulation(exp))(msg, context({"partition-id": 0, "num-partitions": exp.num_clients}))
+    got_limit, reason = refusal_of(reply)
+    assert got_limit == limit and f"{key}={value}" in reason, reason
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {value} exceeds privacy\.{limit.replace('-', '_')}"):
+        validate(composed(*SMALL, "privacy=trusted", f"{key}={value}"), dim=D, num_vectors=3000)
