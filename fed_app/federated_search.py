@@ -19,6 +19,7 @@ from flwr.supercore import log
 
 from vector_index.topk import merge_topk
 
+from .experiment import SearchRequest, parse
 from .reply_checks import InvalidReply, search_reply
 from .state import record_of
 
@@ -172,10 +173,10 @@ def search_federation(
 ) -> SearchResults:
     """Search every shard's persisted store: kNN (``k``, each shard re-ranking its best
     ``rerank`` compressed candidates exactly, locally) or range (``radius``)."""
-    if (k is None) == (radius is None):
-        raise ValueError("give exactly one of k (top-k search) or radius (range search)")
-    asked = {"k": k, "rerank": int(rerank)} if k else {"radius": float(radius)}
-    config = ConfigRecord({**dict(config.items()), "mode": "search", **asked})
+    asked = {key: v for key, v in (("k", k), ("radius", radius)) if v is not None}
+    # the schema every node parses the request with: exactly one of k or radius, each in range
+    req = parse(SearchRequest, {"mode": "search", **asked, "rerank": rerank}, what="search request")
+    config = ConfigRecord({**dict(config.items()), **req.model_dump(exclude_none=True, exclude={"deploy"})})
     content = RecordDict({"queries": record_of({"vectors": queries}), "config": config})
 
     def check(c: RecordDict) -> None:
