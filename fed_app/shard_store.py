@@ -36,7 +36,7 @@ def shard_path(node_config: dict[str, Any], where: ShardRoot | None) -> Path | N
 
 
 def open_shard(path: Path) -> Shard:
-    if not (path / "CURRENT").is_file():
+    if not Shard.exists(path):
         raise VectorError(f"shard-dir {str(path)!r} holds no shard; create one with `python -m vector_index import <vectors> {path}`")
     return Shard.open(path)
 
@@ -54,12 +54,12 @@ def deploy(path: Path, state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: 
     A simulated client with no shard yet creates one from its partition first.
     """
     spec = cfg.index.spec
-    if (path / "CURRENT").is_file():
+    if Shard.exists(path):
         shard = Shard.open(path)
         if shard.spec.kind != spec.kind:
             raise VectorError(f"shard {str(path)!r} is a {shard.spec.kind!r} index but the federation trained index={spec.kind}")
     else:
-        shard = Shard.create(path, x.shape[1], spec, metadata={"source": "fedvec simulation partition"})
+        shard = Shard.create(path, x.shape[1], spec, metadata={"source": "fedvec simulation partition"}, commit=False)
         shard.add(x, ids)
     books = shard_codebooks(state, x, spec, cfg)
     shard.reencode(books, affine_of(state.encoder), model_version, bounds)

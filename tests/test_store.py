@@ -245,10 +245,6 @@ def test_bad_input_is_refused_and_changes_nothing(saved, data, case):
     assert tree_hashes(saved.path) == before_disk
 
 
-def _current_dir(root: Path) -> Path:
-    return root / (root / "CURRENT").read_text().strip()
-
-
 def _open_fails_and_leaves_disk(root: Path, message: str) -> None:
     before = tree_hashes(root)
     with pytest.raises(ShardError, match=message):
@@ -256,37 +252,45 @@ def _open_fails_and_leaves_disk(root: Path, message: str) -> None:
     assert tree_hashes(root) == before
 
 
-def test_truncated_index_file_is_detected(saved):
-    path = _current_dir(saved.path) / "index.faiss"
+def _data_files(root: Path) -> list[Path]:
+    return sorted((root / "data.lance" / "data").glob("*.lance"), key=lambda p: p.stat().st_mtime)
+
+
+def test_flipped_bytes_in_a_data_file_are_detected(saved):
+    """A changed vector in Lance's data file fails the version's sha256, or Lance's own decoding."""
+    path = _data_files(saved.path)[-1]
+    raw = bytearray(path.read_bytes())
+    raw[200:204] = bytes(b ^ 0x5A for b in raw[200:204])
+    path.write_bytes(bytes(raw))
+    _open_fails_and_leaves_disk(saved.path, "integrity record|unreadable")
+
+
+def test_truncated_data_file_is_detected(saved):
+    path = _data_files(saved.path)[-1]
     path.write_bytes(path.read_bytes()[:-100])
-    _open_fails_and_leaves_disk(saved.path, "truncated or replaced")
+    _open_fails_and_leaves_disk(saved.path, "unreadable|integrity record")
 
 
-def test_foreign_index_file_is_detected(saved, tmp_path):
-    path = _current_dir(saved.path) / "index.faiss"
-    other = faiss.IndexFlatL2(D)
-    other.add(np.zeros((3, D), np.float32))
-    faiss.write_index(other, str(tmp_path / "other.faiss"))
-    path.write_bytes((tmp_path / "other.faiss").read_bytes())
-    _open_fails_and_leaves_disk(saved.path, "truncated or replaced|sha256")
+def test_a_version_written_by_another_program_is_refused_and_the_last_good_one_kept(saved, data):
+    """Lance lets any program commit; a version without fedvec's record is not read (the
+    old format's emptied-manifest bypass), and the previous version still opens."""
+    import lance
+
+    good = saved.version
+    ds = lance.dataset(str(saved.path / "data.lance"))
+    ds.update({"id": "id + 1"})
+    _open_fails_and_leaves_disk(saved.path, "not committed by fedvec")
+    old = Shard.open(saved.path, version=good)
+    assert len(old) == 500 and old.model_version == 1
 
 
-def test_unreadable_index_with_matching_manifest_is_detected(saved):
-    """Even if the manifest were rewritten to match, faiss's read error surfaces clearly."""
-    vdir = _current_dir(saved.path)
-    (vdir / "index.faiss").write_bytes(b"definitely not faiss" * 10)
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    manifest["files"]["index.faiss"] = {"size": 200, "sha256": hashlib.sha256(b"definitely not faiss" * 10).hexdigest()}
-    (vdir / "manifest.json").write_text(json.dumps(manifest))
-    _open_fails_and_leaves_disk(saved.path, "not a readable faiss index")
+def test_newer_format_is_refused(saved):
+    from vector_index import shard_dataset
 
-
-def test_newer_format_version_is_refused(saved):
-    path = _current_dir(saved.path) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["format_version"] = 99
-    path.write_text(json.dumps(manifest))
-    _open_fails_and_leaves_disk(saved.path, "format_version 99 is newer")
+    number, snap, _ = shard_dataset.read(saved.path)
+    snap.header["format"] = 99
+    shard_dataset.commit(saved.path, snap, number, None, "update")
+    _open_fails_and_leaves_disk(saved.path, "format 99 is newer")
 
 
 def test_not_a_shard_and_existing_directory(tmp_path, saved):
@@ -301,7 +305,9 @@ def test_not_a_shard_and_existing_directory(tmp_path, saved):
         Shard.create(tmp_path / "bad", 15, SPECS["pq"])
 
 
-def test_versions_pointer_and_pruning(saved, data):
+def test_versions_are_kept_listed_and_pruned(saved, data):
+    from vector_index.shard_dataset import KEEP_VERSIONS
+
     x, ids, _ = data
     first = saved.version
     saved.add(x[500:600], ids[500:600])
@@ -309,10 +315,19 @@ def test_versions_pointer_and_pruning(saved, data):
     saved.delete(ids[:10])
     third = saved.save()
     assert first < second < third
-    names = sorted(p.name for p in saved.path.iterdir() if p.name.startswith("v"))
-    assert names == [f"v{second:06d}", f"v{third:06d}"]  # current + previous kept
     assert len(Shard.open(saved.path, version=second)) == 600
     assert len(Shard.open(saved.path)) == 590
+    history = {h["version"]: h for h in saved.history()}
+    assert [history[v]["operation"] for v in (1, first, second, third)] == ["create", "add", "add", "update"]
+    assert [history[v]["count"] for v in (1, first, second, third)] == [0, 500, 600, 590]
+    assert history[1]["tags"] == ["model-1"]  # the version that installed model 1
+    for i in range(KEEP_VERSIONS + 2):
+        saved.add(x[600 + i:601 + i], ids[600 + i:601 + i])
+        saved.save()
+    kept = [h["version"] for h in saved.history()]
+    assert 1 in kept and first not in kept  # tagged model versions survive pruning
+    assert len(kept) == KEEP_VERSIONS + 1
+    assert len(Shard.open(saved.path, version="model-1")) == 0
 
 
 def test_concurrent_writer_is_refused(saved, data):

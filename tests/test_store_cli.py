@@ -46,8 +46,9 @@ def test_import_npy_and_fvecs_then_info_and_search(files):
     r = cli("info", "shard", cwd=tmp)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["manifest"]["count"] == info["stats"]["count"] == 500
-    assert info["manifest"]["index"]["kind"] == "flat" and info["manifest"]["format_version"] == 1
+    assert info["shard"]["count"] == info["stats"]["count"] == 500
+    assert info["shard"]["index"]["kind"] == "flat"
+    assert [(v["version"], v["operation"], v["count"]) for v in info["versions"]] == [(1, "create", 400), (2, "add", 500)]
     assert info["stats"]["bytes_on_disk"] > 500 * 16 * 4
 
     r = cli("search", "shard", "queries.npy", "-k", "5", "--out", "hits.npz", cwd=tmp)
@@ -67,7 +68,7 @@ def test_compressed_shard_with_local_training_and_delete(files):
     r = cli("import", "base.npy", "pq", "--index", "pq", "--m", "4", "--nbits", "4", "--train-local", cwd=tmp)
     assert r.returncode == 0, r.stderr
     info = json.loads(cli("info", "pq", cwd=tmp).stdout)
-    assert info["manifest"]["encoded"] and info["manifest"]["index"]["m"] == 4
+    assert info["shard"]["encoded"] and info["shard"]["index"]["m"] == 4
     r = cli("delete", "pq", "--ids", "3", "4", cwd=tmp)
     assert r.returncode == 0 and "398 left" in r.stdout, r.stderr
     r = cli("delete", "pq", "--ids", "3", cwd=tmp)
@@ -117,5 +118,5 @@ def test_reencode_refuses_a_singular_encoder_or_a_1e38_codebook_and_keeps_the_sh
     r = cli("reencode", "shard", "model.npz", cwd=tmp)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     after = json.loads(cli("info", "shard", cwd=tmp).stdout)
-    assert after["manifest"] == before["manifest"]  # same version, model and files
+    assert after["shard"] == before["shard"] and after["versions"] == before["versions"]  # nothing committed
     assert cli("search", "shard", "queries.npy", "-k", "5", cwd=tmp).stdout == hits_before

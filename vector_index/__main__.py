@@ -1,16 +1,15 @@
-"""Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode,export-lancedb}``.
+"""Command line for a local shard: ``python -m vector_index {import,info,search,delete,reencode,rollback,migrate,export-lancedb}``.
 
 ``import`` reads .npy/.fvecs files or a collection of Milvus Lite, Qdrant or LanceDB.
 
-Errors print one line to stderr and exit with status 2; a failed import into a new
-directory removes what it created.
+Errors print one line to stderr and exit with status 2. Every verb commits at most one
+new version, at its end: a failed command writes nothing and removes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +37,8 @@ def read_model(path: str) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.n
         raise VectorError(f"codebooks: {str(p)!r} is not a readable .npz ({exc})") from None
     transform = (arrays.pop("A"), arrays.pop("b")) if "A" in arrays else None
     version = arrays.pop("model_version", None)
+    if version is not None and (version.shape != () or version.dtype.kind not in "iu"):
+        raise VectorError(f"codebooks: model_version in {str(p)!r} must be one integer, got {version!r}")
     return arrays, transform, None if version is None else int(version)
 
 
@@ -60,16 +61,7 @@ def train_local(shard: Shard, seed: int) -> None:
     """Codebooks trained by faiss on this shard alone (for use without a federation)."""
     x = shard.vectors(shard.ids)
     books, transform = reference_codebooks(shard.spec, train_reference_index(shard.spec, x, seed))
-    shard.reencode(books, transform, model_version=0)
-
-
-def remove_created(root: Path, existed: bool) -> None:
-    """Undo Shard.create: the directory, or only its contents if it existed (empty) before."""
-    if not existed:
-        shutil.rmtree(root)
-        return
-    for p in root.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shard.reencode(books, transform, model_version=0 if shard.model_version is None else shard.model_version + 1)
 
 
 def read_input(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
@@ -84,41 +76,51 @@ def read_input(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]
 def cmd_import(args: argparse.Namespace) -> None:
     x, ids = read_input(args)
     root = Path(args.shard)
-    existed = root.exists()
-    if (root / "CURRENT").exists():
+    if Shard.exists(root):
         shard = Shard.open(root)
         check_spec_matches(shard, args)
-        fresh = False
-    else:
-        books, transform, version = read_model(args.codebooks) if args.codebooks else (None, None, None)
-        shard = Shard.create(root, x.shape[1], spec_from_args(args), codebooks=books, transform=transform,
-                             model_version=version)
-        fresh = True
-    try:
-        if args.codebooks and not fresh:
+        if args.codebooks:
             books, transform, version = read_model(args.codebooks)
             shard.reencode(books, transform, version if version is not None else (shard.model_version or 0) + 1)
-        if args.upsert:
-            if ids is None:
-                raise VectorError("--upsert needs --ids (which vectors to replace)")
-            shard.upsert(x, ids)
-        else:
-            ids = shard.add(x, ids)
-        if args.train_local:
-            train_local(shard, args.seed)
-        shard.save()
-    except BaseException:
-        if fresh:  # do not leave an empty shard behind a failed first import
-            remove_created(root, existed)
-        raise
+    else:  # nothing is written before the one commit at the end
+        books, transform, version = read_model(args.codebooks) if args.codebooks else (None, None, None)
+        shard = Shard.create(root, x.shape[1], spec_from_args(args), codebooks=books, transform=transform,
+                             model_version=version, commit=False)
+    if args.upsert:
+        if ids is None:
+            raise VectorError("--upsert needs --ids (which vectors to replace)")
+        shard.upsert(x, ids)
+    else:
+        ids = shard.add(x, ids)
+    if args.train_local:
+        train_local(shard, args.seed)
+    shard.save()
     print(f"{'upserted' if args.upsert else 'added'} {x.shape[0]} vectors (ids {ids.min()}..{ids.max()}) "
           f"into {root}: {len(shard)} vectors, {shard.spec.kind}, version {shard.version}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    shard = Shard.open(args.shard, version=args.version)
+    header = {"index": shard.spec.to_dict(), "dim": shard.dim, "count": len(shard), "encoded": shard.encoded,
+              "model_version": shard.model_version, "version": shard.version, "metadata": shard.metadata}
+    print(json.dumps({"shard": header, "stats": shard.stats(), "versions": shard.history()}, indent=2, sort_keys=True))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
     shard = Shard.open(args.shard)
-    manifest = json.loads((shard.path / f"v{shard.version:06d}" / "manifest.json").read_text())
-    print(json.dumps({"manifest": manifest, "stats": shard.stats()}, indent=2, sort_keys=True))
+    version = int(args.version) if args.version.isdigit() else args.version
+    shard.rollback(version)
+    number = shard.save()
+    print(f"rolled {args.shard} back to version {args.version} ({len(shard)} vectors, model version "
+          f"{shard.model_version}) as new version {number}; later versions are kept")
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from .legacy_format import migrate
+
+    shard = migrate(Path(args.old), Path(args.new))
+    print(f"migrated {args.old} to {args.new}: {len(shard)} vectors, {shard.spec.kind}, model version "
+          f"{shard.model_version}, version {shard.version}; {args.old} is unchanged")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -187,9 +189,20 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--seed", type=int, default=0)
     imp.set_defaults(run=cmd_import)
 
-    info = sub.add_parser("info", help="print the manifest and stats as JSON")
+    info = sub.add_parser("info", help="print the shard's description, stats and kept versions as JSON")
     info.add_argument("shard")
+    info.add_argument("--version", type=int, help="describe this kept version instead of the latest")
     info.set_defaults(run=cmd_info)
+
+    back = sub.add_parser("rollback", help="make an older kept version current again (committed as a new version)")
+    back.add_argument("shard")
+    back.add_argument("--version", required=True, help="version number or tag (e.g. model-1700000000); see info")
+    back.set_defaults(run=cmd_rollback)
+
+    mig = sub.add_parser("migrate", help="convert a shard of fedvec's old directory format to a Lance shard")
+    mig.add_argument("old", help="old-format shard directory (left unchanged)")
+    mig.add_argument("new", help="new shard directory (must not exist or be empty)")
+    mig.set_defaults(run=cmd_migrate)
 
     srch = sub.add_parser("search", help="k nearest neighbours of each query")
     srch.add_argument("shard")

@@ -205,6 +205,39 @@ def build_index(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict
     return index
 
 
+CODE_KINDS = ("pq", "ivfpq", "opqpq")  # kinds whose index is rebuilt from stored codes alone
+
+
+def _codec_parts(index: faiss.Index) -> tuple[faiss.IndexPreTransform | None, faiss.Index]:
+    """(the pre-transform or None, the index that takes ids) of an index from :func:`empty_index`."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return index, faiss.downcast_index(index.index)
+    return None, index
+
+
+def sa_codes(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """faiss's standalone codes of ``x`` for ``index`` (uint8 [n, code size]), transform applied.
+
+    For ivfpq the code holds the list number then the PQ code, as ``IndexIVF.sa_encode``.
+    """
+    pre, inner = _codec_parts(index)
+    if pre is not None:
+        for i in range(pre.chain.size()):
+            x = pre.chain.at(i).apply(x)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    return inner.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def add_codes(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
+    """Add vectors by their stored codes, without re-encoding (the same index as ``add_with_ids``)."""
+    pre, inner = _codec_parts(index)
+    inner.add_sa_codes(np.ascontiguousarray(codes, dtype=np.uint8), np.ascontiguousarray(ids, dtype=np.int64))
+    if pre is not None:
+        pre.ntotal = inner.ntotal
+
+
 def check_transform(a: np.ndarray, b: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     """(A [d, d], b [d]) as finite float32, or a VectorError (the encoder keeps dimension d)."""
     a, b = np.asarray(a), np.asarray(b)

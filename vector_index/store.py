@@ -1,4 +1,4 @@
-"""A shard: one organisation's persistent local vector database on faiss.
+"""A shard: one organisation's persistent local vector database: data on Lance, search on faiss.
 
 The raw vectors and their ids are the source of truth; the faiss index is derived from
 them with the *global* codebooks (and encoder) injected, so a new global model is
@@ -6,8 +6,9 @@ applied by :meth:`Shard.reencode` without re-reading the organisation's data sou
 
 Every mutating method validates all of its input before touching anything, so a
 failing call leaves the shard as it was, in memory and on disk. Changes reach disk
-only through :meth:`Shard.save`, which writes a new version and flips a pointer
-atomically (see ``store_format``).
+only through :meth:`Shard.save`, which commits one new Lance version (see
+``shard_dataset``). For pq, ivfpq and opqpq the stored faiss codes are loaded into the
+index as they are, never re-encoded; hnsw graphs are stored beside their version.
 
 A shard of a compressed kind (pq, ivfpq, hnswpq, opqpq) created before any global
 model exists is *unencoded*: it keeps the raw vectors and searches them exactly
@@ -19,23 +20,23 @@ replaces ids rebuild the graph from the raw vectors (O(n log n)).
 
 A Shard object is not thread-safe. Several processes may read a shard directory;
 saves are serialised by a file lock, and a save from a stale handle is refused.
+``model_version`` is a non-negative integer that a re-encode may not lower; only an
+explicit :meth:`Shard.rollback` returns to an older model, together with its codes.
 """
 
 from __future__ import annotations
 
-import fcntl
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from . import store_format as fmt
+from . import shard_dataset as data
 from .model_checks import ModelBounds, check_model, default_bounds
-from .quantizers import IndexSpec, check_codebooks, check_transform, empty_index, with_transform
-from .store_format import ShardError
+from .quantizers import CODE_KINDS, IndexSpec, add_codes, check_codebooks, check_transform, empty_index, sa_codes, with_transform
+from .shard_dataset import ShardError, Snapshot
 from .validation import VectorError, check_vectors
 
 Transform = tuple[np.ndarray, np.ndarray]
@@ -72,9 +73,12 @@ def _check_unique(ids: np.ndarray, name: str) -> None:
         raise VectorError(f"{name}: duplicate ids within one call: {_listing(uniq[counts > 1])}")
 
 
-def _check_model_version(v: Any) -> int:
+def _check_model_version(v: Any, current: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise VectorError(f"model_version must be a non-negative int, got {v!r}")
+    if current is not None and v < current:
+        raise VectorError(f"model_version {v} is older than the shard's model {current}; model versions only grow "
+                          "(to return to an older model, roll back to the version that holds it)")
     return int(v)
 
 
@@ -87,16 +91,29 @@ def make_index(spec: IndexSpec, dim: int, codebooks: dict[str, np.ndarray] | Non
 FILL_CHUNK = 1 << 16  # rows encoded per faiss call while filling (a progress bar step on a terminal)
 
 
-def fill(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """``index`` with the vectors added under their ids; a progress bar on a terminal
-    when there is more than one chunk (encoding a large shard takes a while)."""
+def fill(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, codes: bool = False) -> np.ndarray | None:
+    """Add the vectors to ``index`` under their ids; with ``codes`` return the faiss codes it
+    stored (encoded once, kept by the store). A progress bar on a terminal when there is
+    more than one chunk (encoding a large shard takes a while)."""
     from tqdm import tqdm
 
+    out = []
     with tqdm(total=int(ids.size), unit="vec", desc="encode", disable=True if ids.size <= FILL_CHUNK else None) as bar:
         for start in range(0, int(ids.size), FILL_CHUNK):
-            index.add_with_ids(vectors[start:start + FILL_CHUNK], ids[start:start + FILL_CHUNK])
-            bar.update(min(FILL_CHUNK, int(ids.size) - start))
-    return index
+            x, i = vectors[start:start + FILL_CHUNK], ids[start:start + FILL_CHUNK]
+            if codes:
+                out.append(sa_codes(index, x))
+                add_codes(index, out[-1], i)
+            else:
+                index.add_with_ids(x, i)
+            bar.update(i.size)
+    if not codes:
+        return None
+    return np.concatenate(out) if out else np.zeros((0, index_code_size(index)), np.uint8)
+
+
+def index_code_size(index: faiss.Index) -> int:
+    return int(sa_codes(index, np.zeros((1, index.d), np.float32)).shape[1])
 
 
 def _npz_bytes(codebooks: dict[str, np.ndarray] | None, transform: Transform | None) -> dict[str, np.ndarray]:
@@ -112,31 +129,42 @@ def _npz_bytes(codebooks: dict[str, np.ndarray] | None, transform: Transform | N
 class Shard:
     """A persistent local vector store in a directory. Use :meth:`create` or :meth:`open`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], vectors: np.ndarray, ids: np.ndarray,
-                 codebooks: dict[str, np.ndarray] | None, transform: Transform | None,
-                 index: faiss.Index, version: int) -> None:
+    def __init__(self, path: Path, snap: Snapshot, version: int) -> None:
+        header = snap.header
         self.path = path
-        self.dim = int(manifest["dim"])
-        self.spec = IndexSpec.from_dict(manifest["index"])
-        self.model_version: int | None = manifest.get("model_version")
-        self.metadata: dict[str, Any] = dict(manifest.get("metadata") or {})
-        self._shard_created = manifest.get("shard_created", manifest.get("created"))
-        self._vectors, self._ids = vectors, ids
-        self._codebooks, self._transform = codebooks, transform
-        self._index = index
-        self.version = version  # the committed version this state derives from
-        self._dirty = False
+        self.dim = int(header["dim"])
+        self.spec = IndexSpec.from_dict(header["index"])
+        self.model_version: int | None = header.get("model_version")
+        self.metadata: dict[str, Any] = dict(header.get("metadata") or {})
+        self._shard_created = header.get("shard_created")
+        self._vectors, self._ids, self._codes = snap.vectors, snap.ids, snap.codes
+        encoded = header.get("encoded", True)
+        self._codebooks = {k[6:]: v for k, v in snap.model.items() if k.startswith("level.")} if encoded else None
+        self._transform = (snap.model["transform.A"], snap.model["transform.b"]) if "transform.A" in snap.model else None
+        self._index = self._load_index(snap.graph)
+        self.version = version  # the committed version this state derives from (0: not committed yet)
+        self._committed_header = self._header() if version else None
+        self._appended_from: int | None = len(self) if version else None  # rows committed, while only adds follow
+        self._dirty = not version
+        self._operation: str | None = None  # what save() records, when more than an add or update
 
     # -- construction ---------------------------------------------------------------
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether ``path`` holds a shard (committed at least once)."""
+        return data.is_shard(Path(path))
 
     @classmethod
     def create(cls, path: str | Path, dim: int, spec: IndexSpec, *, codebooks: dict[str, np.ndarray] | None = None,
                transform: Transform | None = None, model_version: int | None = None,
-               metadata: dict[str, Any] | None = None) -> "Shard":
-        """Create an empty shard in a new (or empty) directory and commit version 1.
+               metadata: dict[str, Any] | None = None, commit: bool = True) -> "Shard":
+        """Create an empty shard in a new (or empty) directory; commit version 1 unless ``commit=False``.
 
-        Without ``codebooks`` a compressed kind starts unencoded (exact search);
-        ``model_version`` defaults to 0 when codebooks are given.
+        With ``commit=False`` nothing is written until :meth:`save`, so a first import that
+        fails leaves nothing behind and never removes anything. Without ``codebooks`` a
+        compressed kind starts unencoded (exact search); ``model_version`` defaults to 0
+        when codebooks are given.
         """
         root = Path(path)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -153,48 +181,30 @@ class Shard:
         if model_version is not None:
             model_version = _check_model_version(model_version)
         transform = check_transform(*transform, dim) if transform is not None else None
-        manifest = {"dim": int(dim), "index": spec.to_dict(), "model_version": model_version,
-                    "metadata": dict(metadata or {})}
-        shard = cls(root, manifest, np.zeros((0, dim), np.float32), np.zeros(0, np.int64), codebooks, transform,
-                    make_index(spec, dim, codebooks, transform), 0)
-        root.mkdir(parents=True, exist_ok=True)
-        shard._dirty = True
-        shard.save()
+        header = {"format": data.FORMAT, "dim": int(dim), "index": spec.to_dict(), "model_version": model_version,
+                  "encoded": codebooks is not None, "metadata": dict(metadata or {}), "shard_created": _now()}
+        encoded_codes = codebooks is not None and spec.kind in CODE_KINDS
+        codes = np.zeros((0, 0), np.uint8) if encoded_codes else None
+        shard = cls(root, Snapshot(header, _npz_bytes(codebooks, transform), np.zeros(0, np.int64),
+                                   np.zeros((0, dim), np.float32), codes), 0)
+        if encoded_codes:
+            shard._codes = np.zeros((0, index_code_size(shard._index)), np.uint8)
+        if commit:
+            shard.save()
         return shard
 
     @classmethod
-    def open(cls, path: str | Path, version: int | None = None, verify: bool = True) -> "Shard":
-        """Open the committed version (or an older retained ``version``).
+    def open(cls, path: str | Path, version: int | str | None = None, verify: bool = True) -> "Shard":
+        """Open the latest version, or an older kept one (a number or a tag such as ``model-7``).
 
-        ``verify`` checks every file's sha256 against the manifest, so a truncated or
-        replaced file is reported instead of misread.
+        ``verify`` recomputes the version's sha256 over ids, vectors, codes and model and
+        compares it with the record its commit wrote; a mismatch is refused.
         """
-        root = Path(path)
-        name = fmt.read_current(root) if version is None else fmt.version_name(version)
-        vdir = root / name
-        if not vdir.is_dir():
-            raise ShardError(f"version {name} of {str(root)!r} does not exist (kept: {fmt.list_versions(root)})")
-        manifest = fmt.read_manifest(vdir)
-        fmt.verify_files(vdir, manifest, checksums=verify)
-        dim, count = int(manifest["dim"]), int(manifest["count"])
-        try:
-            vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
-            ids = np.load(vdir / "ids.npy", allow_pickle=False)
-            with np.load(vdir / "codebooks.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise ShardError(f"{vdir}: unreadable array file ({exc})") from None
-        if vectors.shape != (count, dim) or vectors.dtype != np.float32 or ids.shape != (count,) or ids.dtype != np.int64:
-            raise ShardError(f"{vdir}: arrays {vectors.shape}/{ids.shape} do not match the manifest's count {count}, dim {dim}")
-        codebooks = {k[6:]: v for k, v in arrays.items() if k.startswith("level.")} if manifest.get("encoded", True) else None
-        transform = (arrays["transform.A"], arrays["transform.b"]) if "transform.A" in arrays else None
-        try:
-            index = faiss.read_index(str(vdir / "index.faiss"))
-        except RuntimeError as exc:
-            raise ShardError(f"{vdir / 'index.faiss'}: not a readable faiss index ({str(exc).splitlines()[0][:200]})") from None
-        if index.ntotal != count or index.d != dim:
-            raise ShardError(f"{vdir / 'index.faiss'}: holds {index.ntotal} vectors of dim {index.d}, manifest says {count} of dim {dim}")
-        return cls(root, manifest, vectors, ids, codebooks, transform, index, int(name[1:]))
+        number, snap, _ = data.read(Path(path), version, verify)
+        shard = cls(Path(path), snap, number)
+        if version is not None:  # an old version: saving it would overwrite what came after
+            shard._appended_from = None
+        return shard
 
     # -- reading --------------------------------------------------------------------
 
@@ -223,7 +233,7 @@ class Shard:
 
     @property
     def dirty(self) -> bool:
-        return self._dirty
+        return self._dirty or (self._committed_header is not None and self._header() != self._committed_header)
 
     def vectors(self, ids: Any) -> np.ndarray:
         """The raw vectors stored under ``ids`` (unknown ids are an error)."""
@@ -249,18 +259,22 @@ class Shard:
             raise VectorError(f"radius must be a positive finite number, got {radius!r}")
         return self._index.range_search(q, float(radius))
 
+    def history(self) -> list[dict[str, Any]]:
+        """The kept versions of this shard on disk (number, time, operation, count, model_version, tags)."""
+        return data.history(self.path)
+
     def stats(self) -> dict[str, Any]:
-        """Counts and sizes; bytes in memory = serialized faiss index + raw arrays + codebooks."""
+        """Counts and sizes; bytes in memory = serialized faiss index + raw arrays + codes + codebooks."""
         index_bytes = int(faiss.serialize_index(self._index).size)
         books = _npz_bytes(self._codebooks, self._transform)
-        committed = self.path / fmt.version_name(self.version)
+        codes = self._codes.nbytes if self._codes is not None else 0
         return {
             "count": len(self), "dim": self.dim, "kind": self.spec.kind, "encoded": self.encoded,
-            "model_version": self.model_version, "version": self.version, "unsaved_changes": self._dirty,
-            "bytes_on_disk": fmt.dir_bytes(committed) if committed.is_dir() else 0,
-            "bytes_on_disk_all_versions": fmt.dir_bytes(self.path),
+            "model_version": self.model_version, "version": self.version, "unsaved_changes": self.dirty,
+            "bytes_on_disk": data.disk_bytes(self.path, self.version) if self.version else 0,
+            "bytes_on_disk_all_versions": data.dir_bytes(self.path) if self.path.is_dir() else 0,
             "index_bytes": index_bytes,
-            "bytes_in_memory": index_bytes + self._vectors.nbytes + self._ids.nbytes + sum(a.nbytes for a in books.values()),
+            "bytes_in_memory": index_bytes + self._vectors.nbytes + self._ids.nbytes + codes + sum(a.nbytes for a in books.values()),
         }
 
     # -- mutation -------------------------------------------------------------------
@@ -279,8 +293,8 @@ class Shard:
         present = ids[np.isin(ids, self._ids)]
         if present.size:
             raise VectorError(f"ids already in the shard: {_listing(present)}; use upsert() to replace them")
-        self._apply(np.concatenate([self._vectors, x]), np.concatenate([self._ids, ids]),
-                    lambda index: index.add_with_ids(x, ids))
+        keep = np.ones(len(self), bool)
+        self._apply(keep, x, ids)
         return ids
 
     def upsert(self, vectors: np.ndarray, ids: Any) -> None:
@@ -288,15 +302,7 @@ class Shard:
         x = check_vectors(vectors, dim=self.dim)
         ids = check_ids(ids, x.shape[0])
         _check_unique(ids, "ids")
-        keep = ~np.isin(self._ids, ids)
-        replaced = self._ids[~keep]
-
-        def update(index: faiss.Index) -> None:
-            self._remove(index, replaced)
-            index.add_with_ids(x, ids)
-
-        self._apply(np.concatenate([self._vectors[keep], x]), np.concatenate([self._ids[keep], ids]),
-                    update, rebuild=replaced.size > 0 and self._is_hnsw())
+        self._apply(~np.isin(self._ids, ids), x, ids)
 
     def delete(self, ids: Any) -> None:
         """Remove the vectors with these ids; any unknown id is an error and nothing changes."""
@@ -304,24 +310,35 @@ class Shard:
         if ids.size == 0:
             raise VectorError("ids: nothing to delete (empty)")
         self._require_present(ids)
-        keep = ~np.isin(self._ids, ids)
-        self._apply(self._vectors[keep], self._ids[keep], lambda index: self._remove(index, ids), rebuild=self._is_hnsw())
+        self._apply(~np.isin(self._ids, ids), np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64))
 
     def reencode(self, codebooks: dict[str, np.ndarray], transform: Transform | None, model_version: int, bounds: ModelBounds | None = None) -> None:
         """Rebuild the encoded index from the raw vectors with a new global model.
 
         Changes the codes, never the ids or raw vectors. ``transform`` (A, b) is the
         shared linear encoder z = x @ A.T + b (for opqpq: the rotation), or None. A model
-        outside ``bounds`` (a node's defaults if None) for this shard's vectors is refused.
+        outside ``bounds`` (a node's defaults if None) for this shard's vectors is refused,
+        and so is a ``model_version`` below the current one.
         """
         books = check_codebooks(self.spec, self.dim, codebooks, strict=True)
         tr = check_transform(*transform, self.dim) if transform is not None else None
         data_norm = float(np.linalg.norm(self._vectors.astype(np.float64), axis=1).max(initial=0.0))
         check_model(books, tr, data_norm, bounds or default_bounds(), rotation=self.spec.kind == "opqpq")
-        version = _check_model_version(model_version)
-        index = fill(make_index(self.spec, self.dim, books, tr), self._vectors, self._ids)
-        self._index, self._codebooks, self._transform, self.model_version = index, books, tr, version
-        self._dirty = True
+        version = _check_model_version(model_version, self.model_version)
+        index = make_index(self.spec, self.dim, books, tr)
+        codes = fill(index, self._vectors, self._ids, codes=self.spec.kind in CODE_KINDS)
+        self._index, self._codes, self._codebooks, self._transform, self.model_version = index, codes, books, tr, version
+        self._appended_from, self._dirty, self._operation = None, True, "reencode"
+
+    def rollback(self, version: int | str) -> None:
+        """Make an older kept version (a number or a tag) the current state; :meth:`save`
+        commits it as a new version, so nothing after it is lost either."""
+        number, snap, _ = data.read(self.path, version, verify=True)
+        old = Shard(self.path, snap, number)
+        self.spec, self.model_version, self.metadata = old.spec, old.model_version, old.metadata
+        self._vectors, self._ids, self._codes, self._index = old._vectors, old._ids, old._codes, old._index
+        self._codebooks, self._transform = old._codebooks, old._transform
+        self._appended_from, self._dirty, self._operation = None, True, f"rollback to {number}"
 
     # -- persistence ----------------------------------------------------------------
 
@@ -329,86 +346,94 @@ class Shard:
         """Commit the in-memory state as a new version; returns its number.
 
         Refuses if another process committed since this shard was opened, rather than
-        silently dropping that process's changes.
+        silently dropping that process's changes; a failed commit changes nothing on disk.
         """
-        if not self._dirty:
+        if not self.dirty:
             return self.version
-        with _locked(self.path):
-            current = self._committed_name()
-            if current != (fmt.version_name(self.version) if self.version else None):
-                raise ShardError(f"{str(self.path)!r} was saved by another writer (now {current}, opened "
-                                 f"{fmt.version_name(self.version)}); reopen and reapply the changes")
-            number = max(fmt.list_versions(self.path), default=0) + 1
-            index_bytes = faiss.serialize_index(self._index)
-            arrays = _npz_bytes(self._codebooks, self._transform)
-            files = {
-                "vectors.npy": lambda f: np.save(f, self._vectors),
-                "ids.npy": lambda f: np.save(f, self._ids),
-                "codebooks.npz": lambda f: np.savez(f, **arrays),
-                "index.faiss": lambda f: f.write(memoryview(index_bytes)),
-            }
-            manifest = {
-                "format_version": fmt.FORMAT_VERSION, "version": number, "dim": self.dim,
-                "index": self.spec.to_dict(), "model_version": self.model_version, "encoded": self.encoded,
-                "has_transform": self._transform is not None, "count": len(self),
-                "metadata": self.metadata, "faiss_version": faiss.__version__, **fmt.now(),
-            }
-            manifest["shard_created"] = self._shard_created or manifest["created"]
-            name = fmt.write_version(self.path, number, files, manifest)
-            fmt.write_current(self.path, name)
-            fmt.prune(self.path, keep={name, *([current] if current else [])})
-        self.version, self._dirty = number, False
-        self._shard_created = manifest["shard_created"]
+        header = self._header()
+        appended_from = self._appended_from if header == self._committed_header else None
+        graph = bytes(faiss.serialize_index(self._index)) if self._is_hnsw() else None
+        snap = Snapshot(header, _npz_bytes(self._codebooks, self._transform), self._ids, self._vectors, self._codes, graph)
+        if not self.version:
+            operation = "create"
+        else:
+            operation = self._operation or ("add" if appended_from is not None else "update")
+        installs_model = self._operation == "reencode" or (not self.version and self.encoded and bool(self.spec.levels))
+        tag = f"model-{self.model_version}" if installs_model else None
+        number = data.commit(self.path, snap, self.version, appended_from, operation, tag)
+        self.version, self._dirty, self._committed_header = number, False, header
+        self._appended_from, self._operation = len(self), None
         return number
 
     # -- internals ------------------------------------------------------------------
 
-    def _committed_name(self) -> str | None:
-        try:
-            return fmt.read_current(self.path)
-        except ShardError:
-            return None
+    def _header(self) -> dict[str, Any]:
+        return {"format": data.FORMAT, "dim": self.dim, "index": self.spec.to_dict(), "model_version": self.model_version,
+                "encoded": self.encoded, "metadata": self.metadata, "shard_created": self._shard_created}
 
     def _is_hnsw(self) -> bool:
         return self.encoded and self.spec.kind in ("hnsw", "hnswpq")
+
+    def _load_index(self, graph: bytes | None) -> faiss.Index:
+        """The search index of a loaded version: its graph, its codes, or its raw vectors."""
+        if self._is_hnsw() and (graph is not None or len(self)):
+            if graph is None:
+                raise ShardError(f"{self.path}: an {self.spec.kind} shard version without its faiss graph")
+            index = faiss.deserialize_index(np.frombuffer(graph, dtype=np.uint8))
+            if index.ntotal != len(self) or index.d != self.dim:
+                raise ShardError(f"{self.path}: its faiss graph holds {index.ntotal} vectors of dim {index.d}, "
+                                 f"the data {len(self)} of dim {self.dim}")
+            return index
+        index = make_index(self.spec, self.dim, self._codebooks, self._transform)
+        if self._codes is not None and self.encoded and self.spec.kind in CODE_KINDS:
+            if self._codes.shape[0] != len(self) or (len(self) and self._codes.shape[1] != index_code_size(index)):
+                raise ShardError(f"{self.path}: stored codes {self._codes.shape} do not fit {self.spec.kind} of this model")
+            if len(self):
+                add_codes(index, self._codes, self._ids)
+        else:
+            fill(index, self._vectors, self._ids)
+        return index
 
     def _require_present(self, ids: np.ndarray) -> None:
         unknown = ids[~np.isin(ids, self._ids)]
         if unknown.size:
             raise VectorError(f"ids not in the shard: {_listing(unknown)}; nothing was changed")
 
-    @staticmethod
-    def _remove(index: faiss.Index, ids: np.ndarray) -> None:
-        if ids.size and index.remove_ids(faiss.IDSelectorBatch(ids)) != ids.size:
-            raise ShardError(f"faiss removed fewer than the {ids.size} ids requested; index rebuilt")
+    def _apply(self, keep: np.ndarray, x: np.ndarray, ids: np.ndarray) -> None:
+        """Keep the rows ``keep`` and append (x, ids); bring the index along.
 
-    def _apply(self, vectors: np.ndarray, ids: np.ndarray, update, rebuild: bool = False) -> None:
-        """Swap in new arrays and bring the index along: incrementally, or by rebuilding.
-
-        If faiss fails midway through an incremental update, the index is rebuilt from the
-        old arrays so memory stays consistent, and the error propagates.
+        Removal from an HNSW graph is a rebuild. If faiss fails midway, the index is rebuilt
+        from the old arrays so memory stays consistent, and the error propagates.
         """
-        if rebuild:
-            self._index = fill(make_index(self.spec, self.dim, self._codebooks, self._transform), vectors, ids)
-        else:
-            try:
-                update(self._index)
-            except Exception:
-                self._index = fill(make_index(self.spec, self.dim, self._codebooks, self._transform),
-                                   self._vectors, self._ids)
-                raise
-        self._vectors, self._ids, self._dirty = vectors, ids, True
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One writer at a time per shard directory (an advisory flock on LOCK)."""
-    with open(root / "LOCK", "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        removed = self._ids[~keep]
+        with_codes = self.encoded and self.spec.kind in CODE_KINDS
+        vectors, all_ids = np.concatenate([self._vectors[keep], x]), np.concatenate([self._ids[keep], ids])
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if removed.size and self._is_hnsw():
+                index = make_index(self.spec, self.dim, self._codebooks, self._transform)
+                codes = fill(index, vectors, all_ids)
+            else:
+                index = self._index
+                if removed.size and index.remove_ids(faiss.IDSelectorBatch(removed)) != removed.size:
+                    raise ShardError(f"faiss removed fewer than the {removed.size} ids requested; index rebuilt")
+                new = fill(index, x, ids, codes=with_codes) if ids.size else None
+                codes = np.concatenate([self._codes[keep], new]) if with_codes and new is not None else (
+                    self._codes[keep] if with_codes else None)
+        except Exception:
+            self._index = self._load_index(None) if not self._is_hnsw() else self._rebuilt()
+            raise
+        if removed.size:
+            self._appended_from = None
+        self._index, self._vectors, self._ids, self._codes, self._dirty = index, vectors, all_ids, codes, True
+
+    def _rebuilt(self) -> faiss.Index:
+        index = make_index(self.spec, self.dim, self._codebooks, self._transform)
+        fill(index, self._vectors, self._ids)
+        return index
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 __all__ = ["Shard", "ShardError", "check_ids", "make_index", "fill"]
