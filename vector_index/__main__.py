@@ -107,12 +107,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    shard = Shard.open(args.shard)
     version = int(args.version) if args.version.isdigit() else args.version
-    shard.rollback(version)
-    number = shard.save()
+    shard = Shard.restore(args.shard, version)
     print(f"rolled {args.shard} back to version {args.version} ({len(shard)} vectors, model version "
-          f"{shard.model_version}) as new version {number}; later versions are kept")
+          f"{shard.model_version}) as new version {shard.version}; later versions are kept")
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

@@ -330,15 +330,20 @@ class Shard:
         self._index, self._codes, self._codebooks, self._transform, self.model_version = index, codes, books, tr, version
         self._appended_from, self._dirty, self._operation = None, True, "reencode"
 
-    def rollback(self, version: int | str) -> None:
-        """Make an older kept version (a number or a tag) the current state; :meth:`save`
-        commits it as a new version, so nothing after it is lost either."""
-        number, snap, _ = data.read(self.path, version, verify=True)
-        old = Shard(self.path, snap, number)
-        self.spec, self.model_version, self.metadata = old.spec, old.model_version, old.metadata
-        self._vectors, self._ids, self._codes, self._index = old._vectors, old._ids, old._codes, old._index
-        self._codebooks, self._transform = old._codebooks, old._transform
-        self._appended_from, self._dirty, self._operation = None, True, f"rollback to {number}"
+    @classmethod
+    def restore(cls, path: str | Path, version: int | str) -> "Shard":
+        """Commit an older kept version (a number or a tag) as the newest one and return it.
+
+        Nothing after it is lost: those versions stay listed (until pruned). Works when the
+        latest version is refused as tampered, which is what it is for.
+        """
+        root = Path(path)
+        number, snap, _ = data.read(root, version, verify=True)
+        shard = cls(root, snap, number)
+        shard.version = data.latest(root) or number  # the commit goes after whatever is newest
+        shard._appended_from, shard._dirty, shard._operation = None, True, f"rollback to {number}"
+        shard.save()
+        return shard
 
     # -- persistence ----------------------------------------------------------------
 
