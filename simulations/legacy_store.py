@@ -60,7 +60,9 @@ def create(root: Path, spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray, co
            transform: Transform | None, model_version: int | None) -> LegacyShard:
     """A new shard in memory holding ``vectors`` (encoded with the model, if any); not saved yet."""
     x, ids = check_vectors(vectors), check_ids(ids, len(vectors))
-    books = {} if not spec.levels else check_codebooks(spec, x.shape[1], codebooks, strict=True) if codebooks is not None else None
+    books = {} if not spec.levels else codebooks  # flat kinds are encoded from the start, as before
+    if spec.levels and books is not None:
+        books = check_codebooks(spec, x.shape[1], books, strict=True)
     index = make_index(spec, x.shape[1], books, transform)
     fill(index, x, ids)
     manifest = {"dim": x.shape[1], "index": spec.to_dict(), "model_version": model_version, "metadata": {}}
