@@ -194,6 +194,7 @@ class Eval(Section):
     local_queries: Positive
     every: Positive
     centralized: bool
+    reference_cache: str | None  # directory of cached centralized references; None: train in every run
 
 
 # ---- strategy: the Flower strategy class and its own keyword arguments -----------------------

@@ -7,6 +7,7 @@ initialisation before them and the federated query evaluation after each of them
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -33,6 +34,7 @@ from .early_stop import EarlyStop, StopTraining
 from .interrupts import check_stop
 from .local_data import load_dataset
 from .privacy.report import privacy_summary
+from .reference_cache import cached_reference, reference_key
 from .settings import client_config
 from .simulator_truth import exact_neighbours, true_metrics
 from .model_guard import max_norm
@@ -395,7 +397,10 @@ def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Pat
         check_stop()
         if strategy.all_simulated:
             truth = evaluator.truth if evaluator.truth is not None else exact_neighbours(data, cfg.eval.k)
-            final["centralized"] = reference_metrics(spec, data, truth, cfg.eval.k, cfg.seed)
+            key = reference_key(spec.to_dict(), (data.base, data.queries, truth), cfg.eval.k, cfg.seed,
+                                code=inspect.getsource(reference_metrics) + inspect.getsource(train_reference_index))
+            cache = Path(cfg.eval.reference_cache).expanduser() if cfg.eval.reference_cache else None
+            final["centralized"] = cached_reference(cache, key, lambda: reference_metrics(spec, data, truth, cfg.eval.k, cfg.seed))
         else:
             log(WARNING, "eval.centralized: skipped, the shards are not the simulator's (no pooled data exists to train on)")
     summary = {

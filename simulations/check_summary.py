@@ -46,6 +46,8 @@ def problems(summary: dict, centralized: bool, provenance: bool = True) -> list[
         out.append("final.privacy missing (the protections in force)")
     if not final.get("federated", {}).get("source"):
         out.append("final.federated.source missing (simulator truth or the federation's estimate)")
+    if centralized and not final.get("centralized", {}).get("source"):
+        out.append("final.centralized.source missing (trained in the run or read from the reference cache)")
     return out
 
 

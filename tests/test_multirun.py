@@ -19,7 +19,8 @@ TINY = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m
 
 
 def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "simulations.run", "-m", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    cache = f"eval.reference_cache={sweep_dir.parent / 'reference-cache'}"  # fresh per test: the first run trains
+    cmd = [sys.executable, "-m", "simulations.run", "-m", *TINY, *overrides, cache, f"hydra.sweep.dir={sweep_dir}"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -43,6 +44,10 @@ def test_sweep_runs_every_combination_and_reports_it(tmp_path: Path) -> None:
         assert not (sweep / job / "failed.json").exists()
         summaries[summary["config"]["strategy"]["name"]] = summary
     assert set(summaries) == {"fedlloyd", "avg_refined"}
+    # the second run of the sweep reads the centralized reference the first one trained
+    first, second = (summaries[s]["final"]["centralized"] for s in ("fedlloyd", "avg_refined"))
+    assert first["source"].startswith("faiss trained") and second["source"].startswith("cache ")
+    assert {k: v for k, v in first.items() if k != "source"} == {k: v for k, v in second.items() if k != "source"}
     out = proc.stdout + proc.stderr  # Hydra's job log: one progress line per finished run
     assert "[sweep 1/2] ok in" in out and "[sweep 2/2] ok in" in out, out[-3000:]
 
@@ -50,7 +55,7 @@ def test_sweep_runs_every_combination_and_reports_it(tmp_path: Path) -> None:
     assert [r["strategy"] for r in rows] == ["fedlloyd", "avg_refined"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     for r in rows:
-        assert r["overrides"] == " ".join([*TINY, f"strategy={r['strategy']}"])
+        assert r["overrides"] == " ".join([*TINY, f"strategy={r['strategy']}", f"eval.reference_cache={tmp_path / 'reference-cache'}"])
         final = summaries[r["strategy"]]["final"]
         for side, prefix in (("federated", "fed"), ("centralized", "central")):
             for key in ("recall_10_at_10", "recall_1_at_1", "distortion"):
