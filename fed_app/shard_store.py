@@ -35,10 +35,29 @@ def shard_path(node_config: dict[str, Any], where: ShardRoot | None) -> Path | N
     return None
 
 
+_WARM: dict[Path, Shard] = {}  # shards this process opened, verified, kept for the next message
+WARM_SHARDS = 4  # a node serves one shard; a simulation worker a few partitions in turn
+
+
 def open_shard(path: Path) -> Shard:
+    """The shard's latest version, opened and verified once per process and kept warm.
+
+    A search or training message then costs only the check that no newer version was
+    committed (by a deploy, an import or a rollback), which reopens and re-verifies.
+    Callers only read the returned shard.
+    """
     if not Shard.exists(path):
         raise VectorError(f"shard-dir {str(path)!r} holds no shard; create one with `python -m vector_index import <vectors> {path}`")
-    return Shard.open(path)
+    key = path.resolve()
+    warm = _WARM.get(key)
+    if warm is not None and warm.version == Shard.latest_version(path):
+        return warm
+    shard = Shard.open(path)
+    _WARM.pop(key, None)
+    while len(_WARM) >= WARM_SHARDS:
+        _WARM.pop(next(iter(_WARM)))
+    _WARM[key] = shard
+    return shard
 
 
 def shard_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -155,6 +155,11 @@ class Shard:
         """Whether ``path`` holds a shard (committed at least once)."""
         return data.is_shard(Path(path))
 
+    @staticmethod
+    def latest_version(path: str | Path) -> int | None:
+        """The newest committed version on disk (None: no shard), without reading any data."""
+        return data.latest(Path(path))
+
     @classmethod
     def create(cls, path: str | Path, dim: int, spec: IndexSpec, *, codebooks: dict[str, np.ndarray] | None = None,
                transform: Transform | None = None, model_version: int | None = None,
