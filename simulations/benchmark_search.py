@@ -1,7 +1,7 @@
 """Federated search through real Flower vs one faiss index: latency, QPS, bytes per query.
 
     python -m simulations.benchmark_search                 # GloVe 100k, 10 shards, PQ 10x8
-    python -m simulations.benchmark_search --num-base 20000 --reps 3 --client-app cached
+    python -m simulations.benchmark_search --num-base 20000 --reps 3
 
 Set-up: GloVe-6B-50d (100k base vectors, 2000 held-out queries), an iid partition into
 10 shards, PQ 10x8 codebooks trained once centrally by faiss on the pooled base, and
@@ -14,9 +14,9 @@ ServerApp defined here calls ``fed_app.federated_search.search_federation`` (the
 call search mode makes) for batches of 1, 100 and 1000 queries, median of ``--reps``
 repetitions after one warm-up. The ClientApp is the real ``fed_app.client_app.app``: in
 simulation it finds its shard through ``deploy.shard-root`` in the message config plus
-its ``partition-id`` (a deployed SuperNode would use ``shard-dir``). ``--client-app
-cached`` uses :data:`cached_client_app` below instead, which keeps each shard open
-between messages, to separate Flower's messaging cost from re-opening the shard.
+its ``partition-id`` (a deployed SuperNode would use ``shard-dir``). It keeps its shard
+open between messages (``fed_app.shard_store.open_shard``), so after the warm-up a
+search costs Flower's messaging plus faiss.
 
 Bytes per query are measured from the message contents of one un-timed call: requests
 (query vectors + config, all shards) and replies (ids + distances of every shard),
@@ -30,57 +30,23 @@ import logging
 import statistics
 import tempfile
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import faiss
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fed_app.federated_search import search_federation
-from fed_app.privacy.policy import ClientPolicy
 from fed_app.federation import wait_for_nodes
-from fed_app.settings import search_request
-from fed_app.state import record_of
 from vector_index.datasets import load_glove
 from vector_index.partition import iid
 from vector_index.quantizers import IndexSpec, build_index, reference_codebooks, train_reference_index
 from vector_index.store import Shard
 
 BATCHES = (1, 100, 1000)
-
-
-# -- the ClientApp variant that keeps shards open -----------------------------------
-
-cached_client_app = ClientApp()
-
-
-@lru_cache(maxsize=4)
-def _open_shard(path: str) -> Shard:
-    return Shard.open(path)
-
-
-@cached_client_app.query()
-def cached_query(msg: Message, context: Context) -> Message:
-    """Answers a search like ``fed_app.client_app.app`` in search mode (same reply
-    contract: "results" ArrayRecord with distances/ids, "metrics" MetricRecord with
-    "model-version"), but opens ``<deploy.shard-root>/client-<partition-id>`` once per
-    worker process instead of once per message. kNN only, under the node's own limits
-    (max-k, distances on its grid) as the real ClientApp; the query budget is not counted."""
-    req = search_request(msg.content["config"])
-    policy = ClientPolicy.from_node_config(dict(context.node_config))
-    if req.k is None or req.deploy is None:
-        raise ValueError("the cached search client answers kNN searches of simulated shards only")
-    policy.check_k(req.k)
-    shard = _open_shard(f"{req.deploy.shard_root}/client-{int(context.node_config['partition-id'])}")
-    distances, ids = shard.search(msg.content["queries"]["vectors"].numpy(), req.k)
-    content = RecordDict({"results": record_of({"distances": policy.round_distances(distances), "ids": ids}),
-                          "metrics": MetricRecord({"model-version": int(shard.model_version)})})
-    return Message(content=content, reply_to=msg)
 
 
 # -- measuring ----------------------------------------------------------------------
@@ -202,8 +168,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--client-app", choices=("real", "cached"), default="real",
-                    help="real: fed_app.client_app.app (opens the shard per message); cached: keeps it open")
     args = ap.parse_args(argv)
     if max(BATCHES) > args.num_queries:
         ap.error(f"--num-queries must be >= {max(BATCHES)}")
@@ -215,10 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         data, single, t_train = build_shards(root, args.num_base, args.num_queries, args.shards, spec, args.seed)
         print(f"[benchmark_search] {data.base.shape[0]} x {data.base.shape[1]} GloVe vectors in {args.shards} shards, "
               f"PQ{args.m}x{args.nbits} trained centrally in {t_train:.1f}s, set-up {time.perf_counter() - t:.1f}s", flush=True)
-        if args.client_app == "real":
-            from fed_app.client_app import app as client_app
-        else:
-            client_app = cached_client_app
+        from fed_app.client_app import app as client_app
         logging.getLogger("flwr").setLevel(logging.WARNING)
         t = time.perf_counter()
         run_simulation(
@@ -231,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wall = time.perf_counter() - t
     if len(rows) != len(BATCHES):
         raise SystemExit(f"the benchmark ServerApp did not finish ({len(rows)} of {len(BATCHES)} batch sizes); see the log above")
-    print(f"\nFederated search ({args.shards} shards, {args.client_app} ClientApp, Flower simulation engine) vs one faiss "
+    print(f"\nFederated search ({args.shards} shards, fedvec's ClientApp, Flower simulation engine) vs one faiss "
           f"index; k={args.k}, median of {args.reps}; faiss threads in the server process: {faiss.omp_get_max_threads()}; "
           f"simulation wall time {wall:.0f}s\n")
     print(table(rows))

@@ -55,11 +55,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_kind(spec: IndexSpec, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, train: np.ndarray,
+def central_model(spec: IndexSpec, train: np.ndarray, seed: int) -> tuple[dict, tuple | None]:
+    """(codebooks, transform) trained by faiss on ``train``."""
+    return reference_codebooks(spec, train_reference_index(spec, train, seed=seed, add=False))
+
+
+def bench_kind(spec: IndexSpec, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, model: tuple,
                workdir: Path, k: int, reps: int, batch: int) -> dict:
     d = base.shape[1]
     ids = np.arange(base.shape[0], dtype=np.int64)
-    books, transform = reference_codebooks(spec, train_reference_index(spec, train, seed=0, add=False))
+    books, transform = model
 
     raw = empty_index(spec, d, books)
     raw = with_transform(raw, *transform) if transform is not None else raw
@@ -150,13 +155,13 @@ class OldStore:
 STEPS = ("import", "open", "incremental", "reencode")
 
 
-def bench_formats(spec: IndexSpec, base: np.ndarray, extra: np.ndarray, queries: np.ndarray, train: np.ndarray,
-                  workdir: Path, k: int, reps: int) -> dict:
-    """New store vs format 1: import, open, incremental import, re-encode (see the module doc)."""
+def bench_formats(spec: IndexSpec, base: np.ndarray, extra: np.ndarray, queries: np.ndarray, model: tuple,
+                  new_model: tuple, workdir: Path, k: int, reps: int) -> dict:
+    """New store vs format 1: import with ``model``, open, incremental import, re-encode with
+    ``new_model`` (see the module doc)."""
     ids = np.arange(base.shape[0], dtype=np.int64)
     extra_ids = np.arange(base.shape[0], base.shape[0] + extra.shape[0], dtype=np.int64)
-    books, transform = reference_codebooks(spec, train_reference_index(spec, train, seed=0, add=False))
-    books2, transform2 = reference_codebooks(spec, train_reference_index(spec, train, seed=1, add=False))
+    (books, transform), (books2, transform2) = model, new_model
     run = {
         "import": lambda s: s.import_(spec, base, ids, books, transform),
         "open": lambda s: s.open(),
@@ -240,9 +245,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="fedvec-bench-") as tmp:
         for kind in args.kinds:
             spec = IndexSpec(kind, m=10, nbits=8, nlist=256, nprobe=16, hnsw_m=32, ef_search=64, ef_construction=40)
-            rows.append(bench_kind(spec, base, data.queries, truth, train, Path(tmp), args.k, args.reps, args.batch))
-            if not args.no_formats:
-                format_rows.append(bench_formats(spec, base, extra, data.queries, train, Path(tmp), args.k, args.reps))
+            model = central_model(spec, train, seed=0)
+            rows.append(bench_kind(spec, base, data.queries, truth, model, Path(tmp), args.k, args.reps, args.batch))
+            if not args.no_formats:  # the new model: the same training, another seed
+                format_rows.append(bench_formats(spec, base, extra, data.queries, model, central_model(spec, train, seed=1),
+                                                 Path(tmp), args.k, args.reps))
             print(f"  {kind}: done", flush=True)
     print()
     print_table(rows, SEARCH_COLUMNS)
