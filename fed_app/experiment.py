@@ -322,6 +322,7 @@ class Experiment(Shared):
     min_clients: Positive
     resume: str | None = None
     verbose: bool
+    engine_poll_s: Finite = Field(gt=0, le=1)  # python -m simulations.run only (simulations/flower_engine.py)
     stop: Stop
     privacy: Privacy
 
