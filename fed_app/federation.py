@@ -337,6 +337,8 @@ def run_federation(grid: Grid, config: dict[str, Any] | Experiment, out_dir: Pat
         seed=cfg.seed,
     )
     strategy.use_model_checks(checks)
+    # early stopping reads the estimate after every round; otherwise clients evaluate on eval rounds only
+    strategy.evaluate_every(1 if cfg.stop.tol is not None else cfg.eval.every, cfg.num_rounds)
     strategy.rejected.extend(init_rejected)
     if p.secure_aggregation:
         strategy.use_secure_aggregation(SecureSettings(

@@ -92,6 +92,7 @@ class CodebookMixin:
         self._codebooks: dict[str, np.ndarray] = {}
         self.round_log: dict[int, dict[str, float]] = {}
         self.latest_evaluate: MetricRecord | None = None
+        self._evaluate_every, self._num_rounds = 1, 0  # see evaluate_every()
         self.withheld: dict[int, dict[int, str]] = {}  # round -> node -> why it sent nothing
         self.all_simulated = False  # every evaluated shard is a simulation partition
         self.node_policies: dict[int, dict] = {}  # the limits each node says it enforces
@@ -139,6 +140,11 @@ class CodebookMixin:
 
     def use_model_checks(self, checks: ModelChecks) -> None:
         self.checks = checks
+
+    def evaluate_every(self, every: int, num_rounds: int) -> None:
+        """Ask the clients for their private estimate on rounds ``0, every, 2 every, ...`` and
+        the last only: at 1,000 clients the evaluate messages are half a round's traffic."""
+        self._evaluate_every, self._num_rounds = every, num_rounds
 
     def _expected(self, model: dict[str, np.ndarray]) -> Expected:
         """What replies about ``model`` (the arrays sent, prefixed) must look like."""
@@ -229,6 +235,9 @@ class CodebookMixin:
         """Under DP the private evaluation is one noisy release, after the last round only."""
         server_round += self.round_offset
         if self.secure is not None and self.secure.dp and server_round != self.secure.num_rounds:
+            return []
+        if server_round % self._evaluate_every and server_round != self._num_rounds:
+            self.latest_evaluate = None  # no estimate this round, rather than the last one's
             return []
         self._evaluated_model = arrays_of(arrays)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))

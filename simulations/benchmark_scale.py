@@ -84,14 +84,24 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, i
 # -- 1. Flower's floor ----------------------------------------------------------------------
 
 
-def flower_floor(num_nodes: int, reps: int = 3) -> float:
-    """Median seconds for one send_and_receive of an empty message to every node."""
+def flower_floor(num_nodes: int, pump: str, reps: int = 3) -> float:
+    """Median seconds for one send_and_receive of an empty message to every node, with
+    Flower's own message pump (``pump="flower"``) or fedvec's (``simulations.flower_engine``)."""
     from flwr.app import Context, Message, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from omegaconf import OmegaConf
+
+    from fed_app.config import CONF_DIR
     from fed_app.federation import wait_for_nodes
+    from simulations import flower_engine
+
+    if pump == "flower":
+        flower_engine.uninstall()
+    else:
+        flower_engine.install(float(OmegaConf.load(CONF_DIR / "config.yaml").engine_poll_s))
 
     client, server, times = ClientApp(), ServerApp(), []
 
@@ -167,12 +177,15 @@ def whole_job(workdir: Path, overrides: list[str]) -> dict:
 # -- report ---------------------------------------------------------------------------------
 
 
-def report(floor: dict[int, float], runs: list[dict], job: dict | None, search: list[dict] | None, args) -> str:
+def report(floor: dict[int, dict[str, float]], runs: list[dict], job: dict | None, search: list[dict] | None, args) -> str:
     lines = [f"# Scale benchmark\n\n`python -m simulations.benchmark_scale {' '.join(sys.argv[1:])}` on "
              f"{os.cpu_count()} cores, load before {args.load_before}, after {os.getloadavg()[0]:.2f}.\n",
              "## Flower's floor: one empty message to every node (echo ClientApp), median of 3\n",
              "| nodes | s per send_and_receive | ms per message |", "|---|---|---|"]
-    lines += [f"| {n} | {t:.2f} | {1e3 * t / n:.1f} |" for n, t in floor.items()]
+    lines[-2:] = ["| nodes | Flower's pump: s per send_and_receive | ms per message | fedvec's pump (flower_engine) | ms per message | speed-up |",
+                  "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {t['flower']:.2f} | {1e3 * t['flower'] / n:.1f} | {t['fedvec']:.2f} | {1e3 * t['fedvec'] / n:.1f} "
+              f"| {t['flower'] / t['fedvec']:.1f}x |" for n, t in floor.items()]
     lines += ["", f"## fedvec, {args.rounds} rounds, overrides `{' '.join(args.overrides) or '(none)'}`\n",
               "| clients | init s | s per round | ms per client message | peak RSS (GB) | bytes up per client per round "
               "| true 10-R@10 after init | final |", "|---|---|---|---|---|---|---|---|"]
@@ -205,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     clients = [int(c) for c in args.clients.split(",")]
-    floor = {} if args.skip_floor else {n: flower_floor(n) for n in clients}
+    floor = {} if args.skip_floor else {n: {p: flower_floor(n, p) for p in ("flower", "fedvec")} for n in clients}
     with tempfile.TemporaryDirectory(prefix="fedvec-scale-") as tmp:
         runs = []
         for n in clients:

@@ -1,5 +1,6 @@
 """The simulation on a Ray cluster: `ray start --head` plus a second `ray start --address`
-worker node, on loopback, and `RAY_ADDRESS` pointing the run at it.
+worker node, on loopback, and `RAY_ADDRESS` pointing the run at it. The run also checks
+``eval.every``: clients send no evaluate message on the rounds in between.
 
 The head node offers no CPU to tasks, so every ClientApp actor has to run on the second
 node: the run completing proves the clients ran there. Both `ray start --block`
@@ -23,7 +24,7 @@ from tests.processes import Processes, free_port
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 RUN = ["data=synthetic", "data.num_base=1500", "data.num_queries=100", "index.m=4", "index.nbits=6", "init.local_k=64",
-       "num_clients=4", "num_rounds=2", "privacy=secagg", "save_shards=false", "eval.centralized=false"]
+       "num_clients=4", "num_rounds=3", "eval.every=2", "privacy=secagg", "save_shards=false", "eval.centralized=false"]
 
 
 def alive_nodes(address: str) -> dict:
@@ -54,4 +55,7 @@ def test_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert problems(summary, centralized=False) == []
         assert summary["final"]["federated"]["recall_10_at_10"] > 0.2
+        # eval.every=2 (shared run): clients evaluate on rounds 0, 2 and the last only
+        assert ["estimate.distortion" in r for r in summary["rounds"]] == [True, False, True, True]
+        assert ["recall_10_at_10" in r for r in summary["rounds"]] == [True, False, True, True]
         assert head.running() and worker.running()  # the cluster outlives the run (Flower only disconnects)
