@@ -17,8 +17,11 @@ search, *incremental import* (add 10% more vectors to the opened shard and save)
 *re-encode* with a second model (another seed's codebooks) and save. The two stores
 take turns step by step, the one going first alternating between repetitions;
 medians are reported. Import throughputs are vectors per second (a ratio above 1:
-the new store is faster); re-encode and open are seconds (below 1: faster). disk B/vec
-is the version just imported, per vector. Files are read back from the page cache.
+the new store is faster); re-encode and open are seconds (below 1: faster). B/vec is
+the version just imported, on disk, per vector. Both opens verify checksums; files are
+read back from the page cache. Format 1 fsyncs every file and directory it writes;
+Lance's local commits do not fsync (lance 14, seen with strace), which is part of the
+difference in writes. ``--threads`` sets faiss's threads; Lance uses its own pool.
 
     python -m simulations.benchmark_store [--num-base 100000] [--threads 1] [--reps 5]
 """
