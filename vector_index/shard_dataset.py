@@ -15,8 +15,11 @@ transaction properties carry the sha256 of the version's whole content (header, 
 ids, vectors, codes) and the name and sha256 of its graph file. Opening recomputes the
 digest, so changed bytes, a version Lance wrote for another program, or a missing
 record are refused rather than read. Lance's own manifest-last commit keeps a crash or a
-full disk from damaging the previous version; the lock plus a version check makes a
-writer that opened an older version fail instead of overwriting another's commit.
+full disk from damaging the previous version; Lance does not fsync, so a commit fsyncs
+the files it wrote before returning (a power cut during a save can leave the newest
+version unreadable: it is refused, and ``rollback`` returns to the one before). The lock
+plus a version check makes a writer that opened an older version fail instead of
+overwriting another's commit.
 
 A model install is tagged ``model-<model_version>``, which also keeps that version from
 being cleaned up; besides tagged versions the last ``KEEP_VERSIONS`` are kept.
@@ -271,8 +274,10 @@ def commit(root: Path, snap: Snapshot, base: int, appended_from: int | None, ope
                 record["graph"] = graph_name
             append = base and appended_from is not None
             table = _table(snap, slice(appended_from, None) if append else None)
+            started = time.time()
             ds = lance.write_dataset(table, str(root / DATA), mode="append" if append else ("overwrite" if base else "create"),
                                      transaction_properties={PROPERTY: json.dumps(record)})
+            _sync_written(root / DATA, started)
             number = int(ds.version)
             graph_name = None  # committed: the file belongs to the version now
             if tag:
@@ -287,6 +292,27 @@ def commit(root: Path, snap: Snapshot, base: int, appended_from: int | None, ope
     finally:
         if graph_name is not None:  # written for a commit that did not happen
             (root / GRAPHS / graph_name).unlink(missing_ok=True)
+
+
+def _sync_written(dataset: Path, since: float) -> None:
+    """fsync what a commit wrote, and the directories naming it: Lance renames its files
+    into place but does not fsync them, so without this a commit that returned could be
+    lost to a power cut (a process crash loses nothing either way)."""
+    dirs = set()
+    for path in dataset.rglob("*"):
+        if path.is_file() and path.stat().st_mtime >= since - 1:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(path.parent)
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _move_tag(ds, tag: str, number: int) -> None:
