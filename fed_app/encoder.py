@@ -61,9 +61,27 @@ def load_encoder(weights: dict[str, np.ndarray]) -> Encoder:
     return model
 
 
-@torch.no_grad()
+_AFFINE: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # encoder digest -> (A, b), this process's last few models
+
+
 def affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(A, b) with z = A x + b: what a faiss LinearTransform needs to encode in a shard."""
+    """(A, b) with z = A x + b: what a faiss LinearTransform needs to encode in a shard.
+
+    Building the torch module (an orthogonal parametrization for a rotation) costs more
+    than a client's whole Lloyd step at 100 vectors, so it is done once per model."""
+    from .state import arrays_digest
+
+    key = arrays_digest(weights)
+    if key not in _AFFINE:
+        if len(_AFFINE) >= 4:
+            _AFFINE.pop(next(iter(_AFFINE)))
+        _AFFINE[key] = _affine_of(weights)
+    a, b = _AFFINE[key]
+    return a.copy(), b.copy()
+
+
+@torch.no_grad()
+def _affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lin = load_encoder(weights).linear
     a = lin.weight.detach().numpy().astype(np.float32)
     b = lin.bias.detach().numpy() if lin.bias is not None else np.zeros(a.shape[0])

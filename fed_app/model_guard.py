@@ -18,16 +18,30 @@ from vector_index.quantizers import IndexSpec
 from vector_index.validation import VectorError
 
 from .encoder import ROTATION_KEY, affine_of
-from .state import GlobalState
+from .state import GlobalState, arrays_digest
 
 
 def max_norm(x: np.ndarray) -> float:
     return float(np.linalg.norm(x.astype(np.float64), axis=1).max(initial=0.0))
 
 
+_PASSED: dict[tuple, None] = {}  # models this process already accepted, under the same spec, data bound and bounds
+
+
 def check_model(state: GlobalState, spec: IndexSpec, dim: int, data_norm: float, bounds: ModelBounds) -> None:
     """Raise VectorError naming what is wrong; ``data_norm`` bounds the raw vectors' norm.
-    Levels not trained yet (during init) may be absent."""
+    Levels not trained yet (during init) may be absent. A model that passed once with the
+    same arguments passes again without the work (a refusal is recomputed every time)."""
+    key = (arrays_digest(state.encoder), arrays_digest(state.codebooks), spec, dim, data_norm, bounds)
+    if key in _PASSED:
+        return
+    _check_model(state, spec, dim, data_norm, bounds)
+    if len(_PASSED) >= 16:
+        _PASSED.pop(next(iter(_PASSED)))
+    _PASSED[key] = None
+
+
+def _check_model(state: GlobalState, spec: IndexSpec, dim: int, data_norm: float, bounds: ModelBounds) -> None:
     for level, book in state.codebooks.items():
         if level not in spec.levels:
             raise VectorError(f"codebook level {level!r}: a {spec.kind} index has levels {list(spec.levels)}")

@@ -6,6 +6,7 @@ aggregation (FedAvg, FedProx, FedAdam) and treat codebooks separately.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,17 @@ from flwr.app import Array, ArrayRecord
 
 ENCODER = "encoder."
 CODEBOOK = "codebook."
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """A content key for a set of named arrays: one global model is checked and converted
+    once per worker process, not once per client message (1,000 clients, one model)."""
+    h = hashlib.sha1()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 @dataclass
