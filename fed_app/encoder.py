@@ -80,9 +80,18 @@ def affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return a.copy(), b.copy()
 
 
+_TEMPLATES: dict[tuple[str, int], Encoder] = {}  # modules only ever loaded into, for reading (A, b)
+
+
 @torch.no_grad()
 def _affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lin = load_encoder(weights).linear
+    """Loads the weights into a kept module of the same kind and size: the server reads
+    one (A, b) per client reply, and building the parametrized module is the slow part."""
+    kind = "rotation" if ROTATION_KEY in weights else "affine"
+    dim = int(np.shape(weights[ROTATION_KEY if kind == "rotation" else "linear.weight"])[0])
+    model = _TEMPLATES.setdefault((kind, dim), Encoder(dim, kind))
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+    lin = model.linear
     a = lin.weight.detach().numpy().astype(np.float32)
     b = lin.bias.detach().numpy() if lin.bias is not None else np.zeros(a.shape[0])
     return np.ascontiguousarray(a), b.astype(np.float32)
