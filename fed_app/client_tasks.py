@@ -16,7 +16,7 @@ from vector_index.topk import recall_report
 
 from . import lloyd
 from .experiment import ClientView, Shared
-from .encoder import TrainSettings, encode, load_encoder, train_encoder
+from .encoder import TrainSettings, encode_weights, train_encoder
 from .privacy import release
 from .privacy.policy import ClientPolicy
 from .state import GlobalState
@@ -68,7 +68,7 @@ def shard_codebooks(state: GlobalState, x: np.ndarray, spec: IndexSpec, cfg: Sha
     """The codebooks this shard encodes with: the global ones, or (local mode) its own,
     trained on its vectors encoded with the current global encoder."""
     if cfg.codebook_update == "local":
-        z = encode(load_encoder(state.encoder), x)
+        z = encode_weights(state.encoder, x)
         return train_local_codebooks(z, spec, cfg.init.kmeans_iters, cfg.seed)
     return {level: state.codebooks[level] for level in spec.levels}
 
@@ -79,7 +79,7 @@ def init_centroids(state: GlobalState, x: np.ndarray, level: str, cfg: Shared, p
     Only centroids supported by ``min_count`` vectors leave; a small shard asks for at
     most ``n // min_count`` of them, and their counts (the server's weights) are rounded.
     """
-    z = encode(load_encoder(state.encoder), x)
+    z = encode_weights(state.encoder, x)
     spec = cfg.index.spec
     m, k, _ = spec.level_shape(level, z.shape[1])
     local_k = release.init_k(x.shape[0], k if level == "coarse" else cfg.init.local_k, policy.min_count)
@@ -138,7 +138,7 @@ def train(
     )
     books = shard_codebooks(state, x, spec, cfg)
     weights, losses = train_encoder(state.encoder, x, [books[lvl] for lvl in spec.levels], settings)
-    z = encode(load_encoder(weights), x)
+    z = encode_weights(weights, x)
     update, withheld = codebook_update(z, books, spec, cfg, policy)
     metrics = {"num-examples": policy.round_examples(x.shape[0]), "cells-withheld": float(withheld), **losses}
     return weights, update, metrics
@@ -156,7 +156,7 @@ def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: Shared, po
     """
     release.check_shard_size(x.shape[0], policy.min_count)
     spec = cfg.index.spec
-    z = encode(load_encoder(state.encoder), x)
+    z = encode_weights(state.encoder, x)
     books = shard_codebooks(state, x, spec, cfg)
     sse = float(squared_errors(z, books).sum()) if books else 0.0
     n = x.shape[0]
@@ -199,8 +199,7 @@ def search(state: GlobalState, x: np.ndarray, ids: np.ndarray, queries: np.ndarr
     Only ids and distances leave the client.
     """
     spec = cfg.index.spec
-    model = load_encoder(state.encoder)
-    z, zq = encode(model, x), encode(model, queries)
+    z, zq = encode_weights(state.encoder, x), encode_weights(state.encoder, queries)
     index = build_index(spec, z, ids, shard_codebooks(state, x, spec, cfg))
     dc, ic = index.search(zq, k)
     exact = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))

@@ -98,6 +98,16 @@ def _affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
+def encode_weights(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``encode(load_encoder(weights), x)`` without building the module: the same
+    ``F.linear`` on the same (A, b), read once per model (see :func:`affine_of`)."""
+    a, b = affine_of(weights)
+    bias = None if ROTATION_KEY in weights else torch.from_numpy(b)
+    z = torch.nn.functional.linear(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(a), bias)
+    return np.ascontiguousarray(z.numpy(), dtype=np.float32)
+
+
+@torch.no_grad()
 def encode(model: Encoder, x: np.ndarray) -> np.ndarray:
     model.eval()
     return np.ascontiguousarray(model(torch.from_numpy(np.ascontiguousarray(x))).numpy(), dtype=np.float32)

@@ -28,7 +28,7 @@ from . import checkpoint, lloyd
 from .client_tasks import ESTIMATE_KEYS, train_local_codebooks
 from .config import load_experiment, validate
 from .experiment import Experiment
-from .encoder import affine_of, encode, initial_weights, load_encoder
+from .encoder import affine_of, encode_weights, initial_weights
 from .federated_search import federated_search
 from .early_stop import EarlyStop, StopTraining
 from .interrupts import check_stop
@@ -135,7 +135,7 @@ def public_init(state: GlobalState, spec: IndexSpec, cfg: Experiment, data: Data
     most = max(spec.level_shape(level, _dim(state))[1] for level in spec.levels)
     if public.shape[0] < most:
         raise ValueError(f"init.source=public: {public.shape[0]} public vectors cannot seed {most} centroids")
-    z = encode(load_encoder(state.encoder), public)
+    z = encode_weights(state.encoder, public)
     state.codebooks.update(train_local_codebooks(z, spec, cfg.init.kmeans_iters, cfg.seed))
     log(INFO, "init: codebooks from %d public vectors (%s); no client statistics used", public.shape[0], path or "the held-out queries")
     return int(public.shape[0])

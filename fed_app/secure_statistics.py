@@ -25,7 +25,7 @@ import torch
 from vector_index.quantizers import reconstruct, squared_errors
 
 from . import client_tasks, lloyd
-from .encoder import ROTATION_KEY, encode, load_encoder, weights_of
+from .encoder import ROTATION_KEY, encode_weights, load_encoder, weights_of
 from .experiment import ClientView, Shared
 from .privacy import dp
 from .privacy.policy import ClientPolicy, Refusal
@@ -64,7 +64,7 @@ def _dp_train(state, x: np.ndarray, cfg: ClientView, policy: ClientPolicy) -> tu
     spec = cfg.index.spec
     c = policy.dp_clip
     books = client_tasks.shard_codebooks(state, x, spec, cfg)
-    z = encode(load_encoder(state.encoder), x)
+    z = encode_weights(state.encoder, x)
     stats: dict[str, np.ndarray] = {"clients": np.ones(1)}
     sens: dict[str, float] = {"clients": 0.0}
     if mode == "lloyd":
@@ -82,7 +82,7 @@ def _dp_train(state, x: np.ndarray, cfg: ClientView, policy: ClientPolicy) -> tu
 
 def evaluate_statistics(state, x: np.ndarray, ids: np.ndarray, cfg: Shared, policy: ClientPolicy) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     spec = cfg.index.spec
-    z = encode(load_encoder(state.encoder), x)
+    z = encode_weights(state.encoder, x)
     books = client_tasks.shard_codebooks(state, x, spec, cfg)
     err = squared_errors(z, books) if books else np.zeros(x.shape[0])
     energy = (z.astype(np.float64) ** 2).sum(axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from fed_app.encoder import (
     ROTATION_KEY,
@@ -128,3 +129,19 @@ def test_proximal_term_keeps_weights_closer(x, codebook):
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="encoder kind 'mlp'"):
         Encoder(D, "mlp")
+
+
+@pytest.mark.parametrize("kind", ["rotation", "affine"])
+def test_encode_weights_equals_the_torch_module_bit_for_bit(kind):
+    """The cached (A, b) path gives exactly the module's output (secure and plain sums must agree)."""
+    from fed_app.encoder import Encoder, encode, encode_weights, load_encoder, weights_of
+
+    torch.manual_seed(3)
+    model = Encoder(12, kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights = weights_of(model)
+    x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
+    np.testing.assert_array_equal(encode_weights(weights, x), encode(load_encoder(weights), x))
+    np.testing.assert_array_equal(encode_weights(weights, x), encode_weights(weights, x))  # from the cache
