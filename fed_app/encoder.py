@@ -54,9 +54,18 @@ def weights_of(model: Encoder) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def load_encoder(weights: dict[str, np.ndarray]) -> Encoder:
+def load_encoder(weights: dict[str, np.ndarray], reuse: dict[tuple[str, int], Encoder] | None = None) -> Encoder:
+    """A module holding ``weights``. With ``reuse``, the module kept there for this kind
+    and size is loaded instead of building one (building the orthogonal parametrization
+    costs more than a client's training step); the caller owns it until its next call."""
     kind = "rotation" if ROTATION_KEY in weights else "affine"
-    model = Encoder(weights[ROTATION_KEY if kind == "rotation" else "linear.weight"].shape[0], kind)
+    dim = int(np.shape(weights[ROTATION_KEY if kind == "rotation" else "linear.weight"])[0])
+    if reuse is None:
+        model = Encoder(dim, kind)
+    else:
+        if (kind, dim) not in reuse:
+            reuse[(kind, dim)] = Encoder(dim, kind)
+        model = reuse[(kind, dim)]
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
     return model
 
@@ -80,18 +89,13 @@ def affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return a.copy(), b.copy()
 
 
-_TEMPLATES: dict[tuple[str, int], Encoder] = {}  # modules only ever loaded into, for reading (A, b)
+_READ: dict[tuple[str, int], Encoder] = {}  # kept modules for reading (A, b): the server reads one per client reply
+_TRAIN: dict[tuple[str, int], Encoder] = {}  # kept modules for local training (one client at a time per process)
 
 
 @torch.no_grad()
 def _affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Loads the weights into a kept module of the same kind and size: the server reads
-    one (A, b) per client reply, and building the parametrized module is the slow part."""
-    kind = "rotation" if ROTATION_KEY in weights else "affine"
-    dim = int(np.shape(weights[ROTATION_KEY if kind == "rotation" else "linear.weight"])[0])
-    model = _TEMPLATES.setdefault((kind, dim), Encoder(dim, kind))
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
-    lin = model.linear
+    lin = load_encoder(weights, reuse=_READ).linear
     a = lin.weight.detach().numpy().astype(np.float32)
     b = lin.bias.detach().numpy() if lin.bias is not None else np.zeros(a.shape[0])
     return np.ascontiguousarray(a), b.astype(np.float32)
@@ -147,7 +151,7 @@ def train_encoder(
     weights: dict[str, np.ndarray], x: np.ndarray, codebooks: list[np.ndarray], s: TrainSettings
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Local epochs of the joint objective; returns new weights and mean loss terms."""
-    model = load_encoder(weights)
+    model = load_encoder(weights, reuse=_TRAIN)
     model.train()
     start = [p.detach().clone() for p in model.parameters()]
     cbs = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in codebooks]

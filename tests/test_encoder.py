@@ -145,3 +145,15 @@ def test_encode_weights_equals_the_torch_module_bit_for_bit(kind):
     x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
     np.testing.assert_array_equal(encode_weights(weights, x), encode(load_encoder(weights), x))
     np.testing.assert_array_equal(encode_weights(weights, x), encode_weights(weights, x))  # from the cache
+
+
+@pytest.mark.parametrize("kind", ["rotation", "affine"])
+def test_training_on_a_reused_module_equals_a_fresh_one(kind, x, codebook):
+    """Clients train in a module kept per process; another client's training in between changes nothing."""
+    other = np.ascontiguousarray(x[::-1][:150] * 1.5)
+    first = train_encoder(initial_weights(D, kind), x, [codebook], settings(epochs=2, lam=1.0))
+    train_encoder(first[0], other, [codebook], settings(epochs=1, lr=0.1, lam=1.0))
+    again = train_encoder(initial_weights(D, kind), x, [codebook], settings(epochs=2, lam=1.0))
+    for key in first[0]:
+        np.testing.assert_array_equal(first[0][key], again[0][key])
+    assert first[1] == again[1]
