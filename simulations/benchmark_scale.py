@@ -137,10 +137,11 @@ def fedvec_run(clients: int, rounds: int, overrides: list[str], workdir: Path) -
     s = json.loads((out / "summary.json").read_text())
     elapsed = [r["elapsed_s"] for r in s["rounds"]]
     per_round = float(np.mean(np.diff(elapsed))) if len(elapsed) > 1 else float("nan")
-    evaluates = 1 if s["config"]["eval"]["every"] else 0
+    every = s["config"]["eval"]["every"]
+    evaluated = sum(1 for r in range(1, rounds + 1) if r % every == 0 or r == rounds)  # rounds with evaluate messages
     return {
         "clients": clients, "init_s": elapsed[0], "round_s": per_round,
-        "message_s": per_round / (clients * (1 + evaluates)), "peak_rss_gb": peak / 2**30,
+        "message_s": per_round / (clients * (1 + evaluated / rounds)), "peak_rss_gb": peak / 2**30,
         "bytes_up": s["final"]["bytes_up_per_client_per_round"], "init_recall": s["rounds"][0].get("recall_10_at_10"),
         "final_recall": s["final"]["federated"]["recall_10_at_10"], "wall_s": s["wall_time_s"], "process_s": wall,
     }
