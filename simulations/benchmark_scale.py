@@ -155,7 +155,13 @@ def opq_train_seconds(threads: int = 2) -> float:
 
     from vector_index.datasets import load_glove
 
-    data = load_glove()
+    from omegaconf import OmegaConf
+
+    from fed_app.config import CONF_DIR
+
+    c = OmegaConf.load(CONF_DIR / "data" / "glove.yaml")  # the default job's data
+    data = load_glove(num_base=int(c.num_base), num_queries=int(c.num_queries), normalise=bool(c.normalise),
+                      seed=int(OmegaConf.load(CONF_DIR / "config.yaml").seed))
     faiss.omp_set_num_threads(threads)
     index = faiss.index_factory(data.base.shape[1], "OPQ10_50,PQ10x8np")
     t = time.perf_counter()
@@ -219,13 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     clients = [int(c) for c in args.clients.split(",")]
-    floor = {} if args.skip_floor else {n: {p: flower_floor(n, p) for p in ("flower", "fedvec")} for n in clients}
+    floor = {}
+    for n in [] if args.skip_floor else clients:
+        floor[n] = {p: flower_floor(n, p) for p in ("flower", "fedvec")}
+        print(f"[benchmark_scale] floor {n} nodes: {floor[n]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedvec-scale-") as tmp:
         runs = []
         for n in clients:
             runs.append(fedvec_run(n, args.rounds, args.overrides, Path(tmp)))
             print(f"[benchmark_scale] {runs[-1]}", flush=True)
         job = None if args.skip_job else whole_job(Path(tmp), [])
+        print(f"[benchmark_scale] whole job {job}", flush=True)
     search = None
     if not args.skip_search:
         from simulations.benchmark_search import main as search_main
