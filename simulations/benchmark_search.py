@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[benchmark_search] {data.base.shape[0]} x {data.base.shape[1]} GloVe vectors in {args.shards} shards, "
               f"PQ{args.m}x{args.nbits} trained centrally in {t_train:.1f}s, set-up {time.perf_counter() - t:.1f}s", flush=True)
         from fed_app.client_app import app as client_app
+        from omegaconf import OmegaConf
+
+        from fed_app.config import CONF_DIR
+        from simulations import flower_engine
+
+        flower_engine.install(float(OmegaConf.load(CONF_DIR / "config.yaml").engine_poll_s))  # as simulations.run does
         logging.getLogger("flwr").setLevel(logging.WARNING)
         t = time.perf_counter()
         run_simulation(
