@@ -36,7 +36,7 @@ def shard_path(node_config: dict[str, Any], where: ShardRoot | None) -> Path | N
 
 
 _WARM: dict[Path, Shard] = {}  # shards this process opened, verified, kept for the next message
-WARM_SHARDS = 4  # a node serves one shard; a simulation worker a few partitions in turn
+WARM_SHARDS = 16  # a node serves one shard; a simulation worker serves its share of the partitions in turn
 
 
 def open_shard(path: Path) -> Shard:

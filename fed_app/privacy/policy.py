@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,12 @@ class Refusal(Exception):
     def __init__(self, limit: str, reason: str) -> None:
         super().__init__(reason)
         self.limit, self.reason = limit, reason
+
+
+@lru_cache(maxsize=1)
+def _shipped_defaults() -> tuple[tuple[str, Any], ...]:
+    """The node defaults file, read once per process (a node builds its policy per message)."""
+    return tuple(dict(OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE))).items())  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ class ClientPolicy:
         Only a node without a ``shard-dir`` (its data is the simulation's, rebuilt from
         what the server sends) answers the trusted evaluation protocol.
         """
-        values = dict(OmegaConf.to_container(OmegaConf.load(DEFAULTS_FILE)))  # type: ignore[arg-type]
+        values = dict(_shipped_defaults())
         set_here = []
         for name in (f.name for f in fields(cls) if f.name in values):
             key = _node_key(name)
