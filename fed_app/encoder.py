@@ -81,11 +81,11 @@ def affine_of(weights: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     from .state import arrays_digest
 
     key = arrays_digest(weights)
-    if key not in _AFFINE:
-        if len(_AFFINE) >= 4:
-            _AFFINE.pop(next(iter(_AFFINE)))
-        _AFFINE[key] = _affine_of(weights)
-    a, b = _AFFINE[key]
+    pair = _AFFINE.pop(key, None) or _affine_of(weights)
+    _AFFINE[key] = pair  # most recent last: each client's one-off trained weights do not evict the global model
+    if len(_AFFINE) > 4:
+        _AFFINE.pop(next(iter(_AFFINE)))
+    a, b = pair
     return a.copy(), b.copy()
 
 
