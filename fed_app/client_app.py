@@ -155,11 +155,24 @@ def withheld_reply(msg: Message, why: Withheld) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+class _FedvecApp(ClientApp):
+    """Pickles as the call that builds it: Flower's simulation ships the ClientApp to a
+    Ray worker with every message, and the handlers (closures) would otherwise travel
+    by value each time (10 KB, ~0.6 ms of the driver's time per message)."""
+
+    def __init__(self, policy: ClientPolicy | None, mods: list | None) -> None:
+        super().__init__(mods=mods or [])
+        self._made_with = (policy, mods)
+
+    def __reduce__(self):
+        return make_client_app, self._made_with
+
+
 def make_client_app(policy: ClientPolicy | None = None, mods: list | None = None) -> ClientApp:
     """The ClientApp. ``policy`` given: the simulator's clients hold these limits; else
     every message reads them from the SuperNode's node config. ``mods``: Flower client
     mods around every handler (the fault tests' hostile clients)."""
-    app = ClientApp(mods=mods or [])
+    app = _FedvecApp(policy, mods)
 
     def limits(context: Context) -> ClientPolicy:
         return policy if policy is not None else ClientPolicy.from_node_config(dict(context.node_config))

@@ -35,7 +35,7 @@ def shard_path(node_config: dict[str, Any], where: ShardRoot | None) -> Path | N
     return None
 
 
-_WARM: dict[Path, Shard] = {}  # shards this process opened, verified, kept for the next message
+_WARM: dict[Path, tuple[frozenset[str], Shard]] = {}  # shards this process opened and verified, by version stamp
 WARM_SHARDS = 16  # a node serves one shard; a simulation worker serves its share of the partitions in turn
 
 
@@ -43,20 +43,23 @@ def open_shard(path: Path) -> Shard:
     """The shard's latest version, opened and verified once per process and kept warm.
 
     A search or training message then costs only the check that no newer version was
-    committed (by a deploy, an import or a rollback), which reopens and re-verifies.
-    Callers only read the returned shard.
+    committed (by a deploy, an import or a rollback), which reopens and re-verifies:
+    a listing of the version manifests, and the dataset's latest version only when that
+    listing changed. Callers only read the returned shard.
     """
     if not Shard.exists(path):
         raise VectorError(f"shard-dir {str(path)!r} holds no shard; create one with `python -m vector_index import <vectors> {path}`")
     key = path.resolve()
+    stamp = Shard.version_stamp(path)  # before opening: a commit during the open changes it for the next call
     warm = _WARM.get(key)
-    if warm is not None and warm.version == Shard.latest_version(path):
-        return warm
+    if warm is not None and (warm[0] == stamp or warm[1].version == Shard.latest_version(path)):
+        _WARM[key] = (stamp, warm[1])
+        return warm[1]
     shard = Shard.open(path)
     _WARM.pop(key, None)
     while len(_WARM) >= WARM_SHARDS:
         _WARM.pop(next(iter(_WARM)))
-    _WARM[key] = shard
+    _WARM[key] = (stamp, shard)
     return shard
 
 

@@ -11,7 +11,8 @@ From one run, side by side:
 2. fedvec runs (``python -m simulations.run``, GloVe 100k, the default experiment, with
    ``eval.centralized=false save_shards=false`` and the given ``--overrides``): seconds
    per training round (round 0, the init, reported apart), seconds per client message,
-   peak RSS of the whole process tree (driver, Ray and its workers, sampled every 0.25 s),
+   peak RSS and PSS sums of the whole process tree (driver, Ray and its workers, sampled
+   every 0.25 s),
    bytes up per client per round, the true 10-R@10 after init and at the end.
 3. The whole default job (``summary.json`` ``wall_time_s``, set-up excluded) against
    faiss ``OPQ10_50,PQ10x8np`` trained centrally on the same 100k vectors, 2 threads.
@@ -55,28 +56,34 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (Ray's daemons and workers included)."""
-    tree, todo, total = _children(), [pid], 0
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of ``pid`` and all its descendants (Ray's daemons and workers
+    included). The RSS sum counts a page shared by several processes (torch's and faiss's
+    libraries, mapped by the driver and every worker) once per process; PSS splits it
+    among them, so the PSS sum is the memory the tree really holds."""
+    tree, todo, rss, pss = _children(), [pid], 0, 0
     while todo:
         p = todo.pop()
         todo += tree.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
-def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, int, float]:
-    """(return code, peak tree RSS bytes, wall seconds) of a command."""
-    peak, t = 0, time.perf_counter()
+def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, tuple[int, int], float]:
+    """(return code, peak tree (RSS, PSS) bytes, wall seconds) of a command."""
+    peak, t = (0, 0), time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            rss, pss = tree_memory(proc.pid)
+            peak = (max(peak[0], rss), max(peak[1], pss))
             time.sleep(0.25)
     return proc.returncode, peak, time.perf_counter() - t
 
@@ -139,9 +146,10 @@ def fedvec_run(clients: int, rounds: int, overrides: list[str], workdir: Path) -
     per_round = float(np.mean(np.diff(elapsed))) if len(elapsed) > 1 else float("nan")
     every = s["config"]["eval"]["every"]
     evaluated = sum(1 for r in range(1, rounds + 1) if r % every == 0 or r == rounds)  # rounds with evaluate messages
+    trained = float(np.mean([r.get("clients", clients) for r in s["rounds"][1:]])) if len(s["rounds"]) > 1 else clients
     return {
-        "clients": clients, "init_s": elapsed[0], "round_s": per_round,
-        "message_s": per_round / (clients * (1 + evaluated / rounds)), "peak_rss_gb": peak / 2**30,
+        "clients": clients, "init_s": elapsed[0], "round_s": per_round, "sampled": trained,
+        "message_s": per_round / (trained + clients * evaluated / rounds), "peak_rss_gb": peak[0] / 2**30, "peak_pss_gb": peak[1] / 2**30,
         "bytes_up": s["final"]["bytes_up_per_client_per_round"], "init_recall": s["rounds"][0].get("recall_10_at_10"),
         "final_recall": s["final"]["federated"]["recall_10_at_10"], "wall_s": s["wall_time_s"], "process_s": wall,
     }
@@ -172,7 +180,7 @@ def opq_train_seconds(threads: int = 2) -> float:
 def whole_job(workdir: Path, overrides: list[str]) -> dict:
     out = workdir / "default-job"
     cmd = [sys.executable, "-m", "simulations.run", *overrides, f"hydra.run.dir={out}"]
-    rc, peak, _ = run_measured(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, workdir / "default-job.log")
+    rc, _, _ = run_measured(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, workdir / "default-job.log")
     if rc != 0:
         raise SystemExit(f"the default job failed (exit {rc}); see {workdir / 'default-job.log'}")
     s = json.loads((out / "summary.json").read_text())
@@ -194,15 +202,15 @@ def report(floor: dict[int, dict[str, float]], runs: list[dict], job: dict | Non
     lines += [f"| {n} | {t['flower']:.2f} | {1e3 * t['flower'] / n:.1f} | {t['fedvec']:.2f} | {1e3 * t['fedvec'] / n:.1f} "
               f"| {t['flower'] / t['fedvec']:.1f}x |" for n, t in floor.items()]
     lines += ["", f"## fedvec, {args.rounds} rounds, overrides `{' '.join(args.overrides) or '(none)'}`\n",
-              "| clients | init s | s per round | ms per client message | peak RSS (GB) | bytes up per client per round "
-              "| true 10-R@10 after init | final |", "|---|---|---|---|---|---|---|---|"]
+              "| clients | trained per round | init s | s per round | ms per client message | peak RSS sum (GB) | peak PSS sum (GB) "
+              "| bytes up per client per round | true 10-R@10 after init | final |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if "failed" in r:
-            lines.append(f"| {r['clients']} | failed: {r['failed']} |||||||")
+            lines.append(f"| {r['clients']} | failed: {r['failed']} |||||||||")
             continue
         init = "-" if r["init_recall"] is None else f"{r['init_recall']:.4f}"
-        lines.append(f"| {r['clients']} | {r['init_s']:.1f} | {r['round_s']:.1f} | {1e3 * r['message_s']:.1f} | "
-                     f"{r['peak_rss_gb']:.2f} | {r['bytes_up']:.0f} | {init} | {r['final_recall']:.4f} |")
+        lines.append(f"| {r['clients']} | {r['sampled']:.0f} | {r['init_s']:.1f} | {r['round_s']:.1f} | {1e3 * r['message_s']:.1f} | "
+                     f"{r['peak_rss_gb']:.2f} | {r['peak_pss_gb']:.2f} | {r['bytes_up']:.0f} | {init} | {r['final_recall']:.4f} |")
     if job:
         lines += ["", "## Whole default job vs centralized OPQ training (same data, same run)\n",
                   f"default job {job['job_s']:.1f} s (summary wall_time_s; centralized reference: {job['centralized_source']}), "

@@ -160,6 +160,11 @@ class Shard:
         """The newest committed version on disk (None: no shard), without reading any data."""
         return data.latest(Path(path))
 
+    @staticmethod
+    def version_stamp(path: str | Path) -> frozenset[str]:
+        """Changes whenever a version is committed (or pruned): a cheap "anything new?" check."""
+        return data.stamp(Path(path))
+
     @classmethod
     def create(cls, path: str | Path, dim: int, spec: IndexSpec, *, codebooks: dict[str, np.ndarray] | None = None,
                transform: Transform | None = None, model_version: int | None = None,
