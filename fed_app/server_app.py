@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     if mode not in ("train", "search"):
         raise ValueError(f"run config mode={mode!r}: use \"train\" or \"search\"")
     if mode == "search":
-        print(run_search(grid, dict(rc), cfg.timeout_s), flush=True)
+        print(run_search(StoppableGrid(grid), dict(rc), cfg.timeout_s), flush=True)  # type: ignore[arg-type]  # its 0.2 s pull, not the grid's 3 s
         return
     out_dir = Path(str(rc.get("output-dir", "outputs"))).expanduser().resolve() / time.strftime("%Y-%m-%d/%H-%M-%S")
     try:

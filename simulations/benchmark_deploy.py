@@ -22,12 +22,15 @@ configuration's environment) it measures, with the real ``flwr`` CLI:
 3. fedvec search-mode runs at each ``--batches`` size, ``--repeats`` times: end-to-end
    seconds per ``flwr run`` and the SuperNodes' own time per query message;
 4. once, one local faiss index over the union of the shards with the trained global model,
-   searched at the same batch sizes (the ratio federated / local).
+   searched at the same batch sizes (the ratio federated / local), and the seconds
+   ``flwr run .`` spends building the FAB (it walks the whole app dir, a venv inside too).
 
-Configurations: ``default`` is Flower as shipped; ``tuned`` sets the one poll interval Flower
-1.42 lets a deployment change without patching it, ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
-(flwr/supercore/superexec/run_superexec.py:48, default 1 s), in the environment of the
-SuperLink and the SuperNodes, which their SuperExec helpers inherit.
+Configurations: ``default`` is Flower as shipped; ``tuned`` (``--tuned-poll``) and
+``poll=SECONDS`` set the one poll interval Flower 1.42 lets a deployment change without
+patching it, ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (flwr/supercore/superexec/run_superexec.py:48,
+default 1 s), in the environment of the SuperLink and the SuperNodes, which their SuperExec
+helpers inherit. ``--append`` adds configurations to an earlier results.json (same shards).
+Findings: docs/results/deployment.md.
 
 Every process log line is prefixed with the wall-clock time it was read (the SuperNode's
 ``Receiving:`` / ``Sent successfully`` lines then time each message on the node). Results go
@@ -729,8 +732,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM raises SystemExit, so that every ``finally`` stops the processes we started."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
