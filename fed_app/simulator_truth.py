@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from vector_index.datasets import Dataset
-from vector_index.quantizers import build_index, squared_errors
+from vector_index.quantizers import build_index_with_errors
 from vector_index.topk import merge_topk, recall_report
 
 from .client_tasks import shard_codebooks
@@ -47,9 +47,10 @@ def true_metrics(state: GlobalState, cfg: Shared, data: Dataset, truth: np.ndarr
         x = data.base[rows]
         z = encode(model, x)
         books = shard_codebooks(state, x, spec, cfg)
-        d, i = build_index(spec, z, rows.astype(np.int64), books).search(zq, k)
+        index, errors = build_index_with_errors(spec, z, rows.astype(np.int64), books)
+        d, i = index.search(zq, k)
         distances.append(d), ids.append(i)
-        sse += float(squared_errors(z, books).sum()) if books else 0.0
+        sse += float(errors.sum()) if books else 0.0
         energy += float((z.astype(np.float64) ** 2).sum())
     _, found = merge_topk(distances, ids, k)
     out = recall_report(found, truth)

@@ -9,6 +9,7 @@ import pytest
 from vector_index.quantizers import (
     IndexSpec,
     build_index,
+    build_index_with_errors,
     make_product_quantizer,
     reconstruct,
     residuals,
@@ -149,6 +150,23 @@ def test_ivfpq_reconstruction_error_equals_faiss(data, trained_ivfpq):
     np.testing.assert_allclose(squared_errors(x, cbs), ((x - ref) ** 2).sum(axis=1), rtol=1e-4, atol=1e-5)
     # the coarse level alone is a much worse reconstruction than coarse + PQ
     assert squared_errors(x, {"coarse": cbs["coarse"]}).mean() > squared_errors(x, cbs).mean()
+
+
+@pytest.mark.parametrize("kind", ["pq", "ivfpq", "hnswpq"])
+def test_index_and_errors_from_one_encoding_equal_the_two_apart(data, trained_pq, trained_ivfpq, kind):
+    """The simulator's truth encodes 100k vectors once per evaluation, not twice: the index
+    filled from the codes and the errors from decoding them are bit for bit those of
+    build_index and squared_errors."""
+    x, q = data
+    books = ivfpq_codebooks(trained_ivfpq) if kind == "ivfpq" else {"pq": pq_codebook(trained_pq.pq)}
+    spec = IndexSpec(kind, m=M, nbits=NBITS, nlist=NLIST, nprobe=3) if kind == "ivfpq" else IndexSpec(kind, m=M, nbits=NBITS)
+    ids = np.arange(N, dtype=np.int64) * 3
+    index, errors = build_index_with_errors(spec, x, ids, books)
+    d_ref, i_ref = build_index(spec, x, ids, books).search(q, 10)
+    d, i = index.search(q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(errors, squared_errors(x, books))
 
 
 def test_residuals_are_relative_to_nearest_coarse_centroid(data, trained_ivfpq):

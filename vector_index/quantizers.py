@@ -238,6 +238,22 @@ def add_codes(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
         pre.ntotal = inner.ntotal
 
 
+def build_index_with_errors(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict[str, np.ndarray]) -> tuple[faiss.Index, np.ndarray]:
+    """:func:`build_index` and :func:`squared_errors` of the same vectors, encoding them
+    once: for the code kinds the index is filled from the codes and the errors come
+    from decoding them (faiss's own decode, the same floats as :func:`reconstruct`)."""
+    if spec.kind not in CODE_KINDS:
+        return build_index(spec, x, ids, codebooks), squared_errors(x, codebooks)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = empty_index(spec, x.shape[1], codebooks)
+    codes = sa_codes(index, x)
+    add_codes(index, codes, ids)
+    _, inner = _codec_parts(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    return index, ((x - inner.sa_decode(codes)) ** 2).sum(axis=1)
+
+
 def check_transform(a: np.ndarray, b: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     """(A [d, d], b [d]) as finite float32, or a VectorError (the encoder keeps dimension d)."""
     a, b = np.asarray(a), np.asarray(b)
