@@ -218,7 +218,7 @@ def report(floor: dict[int, dict[str, float]], runs: list[dict], job: dict | Non
     if search:
         lines += ["", "## Federated search vs one faiss index (10 shards, Flower simulation engine)\n"]
         lines += [f"- batch {r['batch']}: federated {1e3 * r['fed_s']:.1f} ms, single {1e3 * r['single_s']:.3f} ms, "
-                  f"**{r['fed_s'] / r['single_s']:.0f}x**" for r in search]
+                  f"**{r['fed_s'] / r['single_s']:.1f}x**" for r in search]
     return "\n".join(lines) + "\n"
 
 
