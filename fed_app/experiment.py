@@ -112,6 +112,7 @@ INDEX_KEYS = {
     "pq": ("m", "nbits", "subspace_dims"),
     "opqpq": ("m", "nbits", "subspace_dims"),
     "ivfpq": ("m", "nbits", "subspace_dims", "nlist", "nprobe"),
+    "ivfflat": ("nlist", "nprobe"),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
     "hnswpq": ("m", "nbits", "subspace_dims", "hnsw_m", "ef_construction", "ef_search"),
 }
@@ -143,7 +144,7 @@ class Index(Section):
                 raise ValueError(f"index.{key}: index={self.kind} needs it")
             if key != "kind" and key not in wanted and value is not None:
                 raise ValueError(f"index.{key}: not a key of index={self.kind} (it takes {', '.join(wanted) or 'none'})")
-        if self.kind == "ivfpq" and self.nprobe > self.nlist:  # type: ignore[operator]
+        if self.kind in ("ivfpq", "ivfflat") and self.nprobe > self.nlist:  # type: ignore[operator]
             raise ValueError(f"index.nprobe: must be <= index.nlist={self.nlist}, got {self.nprobe}")
         return self
 

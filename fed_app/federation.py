@@ -188,6 +188,9 @@ def reference_metrics(spec: IndexSpec, data: Dataset, truth: np.ndarray, k: int,
     out = recall_report(found, truth)
     if spec.kind in ("flat", "hnsw"):
         out["distortion"] = 0.0
+    elif spec.kind == "ivfflat":  # what the federation trains: the coarse centroids' k-means objective
+        coarse, _ = faiss.extract_index_ivf(index).quantizer.search(data.base, 1)
+        out["distortion"] = float(coarse.astype(np.float64).mean())
     else:
         # HNSW indexes have no sa_encode: their PQ storage does
         codec = faiss.downcast_index(faiss.downcast_index(index).storage) if spec.kind == "hnswpq" else index

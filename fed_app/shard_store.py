@@ -22,7 +22,7 @@ from .experiment import ClientView, SearchRequest, ShardRoot
 from .encoder import affine_of
 from .privacy.policy import ClientPolicy, Refusal
 
-RAW_KINDS = ("flat", "hnsw")  # index kinds that store raw vectors: their distances are exact
+RAW_KINDS = ("flat", "hnsw", "ivfflat")  # index kinds that store raw vectors: their distances are exact
 from .state import GlobalState
 
 

@@ -121,6 +121,28 @@ def test_injected_ivfpq_index_searches_identically(data, trained_ivfpq):
     np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_injected_ivfflat_index_searches_identically(data, trained_ivfpq):
+    """IVF-Flat from federated coarse centroids: the same lists and the same answers as
+    faiss's IVF-Flat trained to those centroids."""
+    x, q = data
+    coarse = ivfpq_codebooks(trained_ivfpq)["coarse"]
+    ref = faiss.IndexIVFFlat(faiss.IndexFlatL2(D), D, NLIST)
+    ref.quantizer.add(coarse[0])
+    ref.is_trained = True
+    ref.add(x)
+    ref.nprobe = 3
+    spec = IndexSpec("ivfflat", nlist=NLIST, nprobe=3)
+    assert spec.levels == ("coarse",) and spec.factory_string() == f"IVF{NLIST},Flat" and spec.code_size(D) == 4 * D
+    index = build_index(spec, x, np.arange(N), {"coarse": coarse})
+    ivf = faiss.extract_index_ivf(index)
+    for lst in range(NLIST):
+        assert ivf.invlists.list_size(lst) == ref.invlists.list_size(lst)
+    d_ref, i_ref = ref.search(q, 10)
+    d, i = index.search(q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
+
+
 def test_ivfpq_nprobe_is_applied(data, trained_ivfpq):
     x, q = data
     cbs = ivfpq_codebooks(trained_ivfpq)

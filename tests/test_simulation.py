@@ -53,6 +53,26 @@ def test_ivfpq_trains_coarse_and_residual_codebooks(tiny_cfg, tmp_path):
     assert summary["final"]["federated"]["recall_10_at_10"] > 0.2
 
 
+def test_ivfflat_trains_coarse_centroids(tmp_path):
+    """IVF-Flat (raw vectors in the lists of federated coarse centroids) through the same
+    secure path: the coarse k-means objective falls round by round and stays within the
+    centralized IVF-Flat's."""
+    from conftest import TINY
+
+    from fed_app.config import compose_config
+
+    cfg = compose_config([*(o for o in TINY if not o.startswith("index.")), "num_clients=3", "num_rounds=2",
+                          "index=ivfflat", "index.nlist=16", "index.nprobe=4"])
+    summary = json.loads(simulate(cfg, tmp_path).read_text())
+    check_summary(summary, 2)
+    distortion = [r["distortion"] for r in summary["rounds"]]
+    assert distortion[-1] < distortion[0], distortion
+    fed, central = summary["final"]["federated"], summary["final"]["centralized"]
+    assert fed["distortion"] <= 1.1 * central["distortion"], (fed, central)
+    assert fed["recall_10_at_10"] >= 0.9 * central["recall_10_at_10"], (fed, central)
+    assert summary["final"]["bytes_per_vector"] == 4 * 16
+
+
 def test_invalid_config_is_refused_before_clients_start(tiny_cfg, tmp_path):
     cfg = tiny_cfg("num_clients=3", "index.m=5")  # 16 % 5 != 0
     with pytest.raises(ConfigError, match="index.m"):

@@ -176,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("shard", help="shard directory (created if missing)")
     imp.add_argument("--ids", help=".npy or .ivecs ids (default: numbered after the largest id)")
     imp.add_argument("--upsert", action="store_true", help="replace vectors whose ids exist")
-    imp.add_argument("--index", choices=["flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq"],
+    imp.add_argument("--index", choices=["flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq"],
                      help="index kind of a new shard (default flat)")
     for name, what in (("m", "PQ sub-spaces"), ("nbits", "bits per PQ code"), ("nlist", "IVF lists"),
                        ("nprobe", "IVF lists searched"), ("hnsw_m", "HNSW neighbours"),

@@ -14,6 +14,8 @@ import numpy as np
 
 from .validation import KINDS, VectorError, check_pq_geometry
 
+IVF_KINDS = ("ivfpq", "ivfflat")  # kinds with federated coarse centroids (nlist, nprobe)
+
 
 @dataclass(frozen=True)
 class IndexSpec:
@@ -37,10 +39,10 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise VectorError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind == "ivfpq" and self.nlist < 1:
-            raise VectorError(f"ivfpq needs nlist >= 1, got {self.nlist}")
-        if self.kind == "ivfpq" and not 1 <= self.nprobe <= self.nlist:
-            raise VectorError(f"ivfpq needs 1 <= nprobe <= nlist={self.nlist}, got nprobe={self.nprobe}")
+        if self.kind in IVF_KINDS and self.nlist < 1:
+            raise VectorError(f"{self.kind} needs nlist >= 1, got {self.nlist}")
+        if self.kind in IVF_KINDS and not 1 <= self.nprobe <= self.nlist:
+            raise VectorError(f"{self.kind} needs 1 <= nprobe <= nlist={self.nlist}, got nprobe={self.nprobe}")
         for name in ("hnsw_m", "ef_search", "ef_construction"):
             if getattr(self, name) < 1:
                 raise VectorError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -62,7 +64,7 @@ class IndexSpec:
     @property
     def levels(self) -> tuple[str, ...]:
         """The codebook levels this index needs, coarse first (residuals depend on it)."""
-        return {"ivfpq": ("coarse", "pq"), "flat": (), "hnsw": ()}.get(self.kind, ("pq",))
+        return {"ivfpq": ("coarse", "pq"), "ivfflat": ("coarse",), "flat": (), "hnsw": ()}.get(self.kind, ("pq",))
 
     def level_shape(self, level: str, d: int) -> tuple[int, int, int]:
         if level == "coarse":
@@ -77,6 +79,7 @@ class IndexSpec:
             "flat": "Flat",
             "pq": pq + "np",
             "ivfpq": f"IVF{self.nlist},{pq}np",
+            "ivfflat": f"IVF{self.nlist},Flat",
             "hnsw": f"HNSW{self.hnsw_m},Flat",
             "hnswpq": f"HNSW{self.hnsw_m},{pq}",
             "opqpq": f"OPQ{self.m},{pq}np",
@@ -84,7 +87,7 @@ class IndexSpec:
 
     def code_size(self, d: int) -> int:
         """Bytes per vector of the codes (HNSW graph links, ~8*hnsw_m bytes, not included)."""
-        if self.kind in ("flat", "hnsw"):
+        if self.kind in ("flat", "hnsw", "ivfflat"):
             return 4 * d
         return (self.m * self.nbits + 7) // 8
 
@@ -180,6 +183,13 @@ def empty_index(spec: IndexSpec, d: int, codebooks: dict[str, np.ndarray]) -> fa
         inject_codebook(storage.pq, books["pq"])
         storage.pq.compute_sdc_table()  # graph construction compares codes with codes
         storage.is_trained = inner.is_trained = True
+    elif spec.kind == "ivfflat":  # stores ids itself; the raw vectors in the lists of the federated centroids
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(books["coarse"][0])
+        index = faiss.IndexIVFFlat(quantizer, d, spec.nlist)
+        index.is_trained = True
+        index.nprobe = spec.nprobe
+        return index
     else:  # ivfpq stores ids itself
         quantizer = faiss.IndexFlatL2(d)
         quantizer.add(books["coarse"][0])
@@ -296,7 +306,7 @@ def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int, add: bool =
         faiss.downcast_index(inner.storage).pq.cp.seed = seed
     elif spec.kind in ("pq", "ivfpq", "opqpq"):
         inner.pq.cp.seed = seed
-    if spec.kind == "ivfpq":
+    if spec.kind in IVF_KINDS:
         inner.cp.seed = seed
         inner.nprobe = spec.nprobe
     index.train(x)
@@ -316,7 +326,7 @@ def reference_codebooks(spec: IndexSpec, index: faiss.Index) -> tuple[dict[str, 
     if "pq" in spec.levels:
         pq = faiss.downcast_index(inner.storage).pq if spec.kind == "hnswpq" else inner.pq
         books["pq"] = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
-    if spec.kind == "ivfpq":
+    if spec.kind in IVF_KINDS:
         books["coarse"] = inner.quantizer.reconstruct_n(0, inner.nlist)[None]
     transform = None
     if spec.kind == "opqpq":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-KINDS = ("flat", "pq", "ivfpq", "hnsw", "hnswpq", "opqpq")  # the index kinds a shard can build
+KINDS = ("flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq")  # the index kinds a shard can build
 
 
 class VectorError(ValueError):

@@ -595,6 +595,13 @@ def shard_data():
 
 
 def make_shard(path, kind: str, x, ids, books=None):
+    if kind == "ivfflat":  # raw vectors in the lists of (here: local) coarse centroids
+        spec = IndexSpec(kind, nlist=4, nprobe=2)
+        coarse, _ = local_centroids(x, 1, 4, 10, 0)
+        shard = Shard.create(path, D, spec, codebooks={"coarse": coarse})
+        shard.add(x, ids)
+        shard.save()
+        return shard
     spec = IndexSpec(kind, m=M, nbits=NBITS)
     shard = Shard.create(path, D, spec, codebooks={"pq": books} if kind == "pq" else None)
     shard.add(x, ids)
@@ -618,7 +625,7 @@ def flat_shard(tmp_path_factory, shard_data):
     return path
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfflat"])
 def test_search_refuses_raw_index_kinds(tmp_path, shard_data, kind):
     x, ids, _ = shard_data
     make_shard(tmp_path / "s", kind, x[:50], ids[:50])
