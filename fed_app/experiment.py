@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from vector_index.validation import IVF_KINDS
 from vector_index.validation import KINDS as INDEX_KINDS
 
 from .privacy.policy import ClientPolicy
@@ -144,7 +145,7 @@ class Index(Section):
                 raise ValueError(f"index.{key}: index={self.kind} needs it")
             if key != "kind" and key not in wanted and value is not None:
                 raise ValueError(f"index.{key}: not a key of index={self.kind} (it takes {', '.join(wanted) or 'none'})")
-        if self.kind in ("ivfpq", "ivfflat") and self.nprobe > self.nlist:  # type: ignore[operator]
+        if self.kind in IVF_KINDS and self.nprobe > self.nlist:  # type: ignore[operator]
             raise ValueError(f"index.nprobe: must be <= index.nlist={self.nlist}, got {self.nprobe}")
         return self
 

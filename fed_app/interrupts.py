@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
@@ -70,18 +70,26 @@ class StoppableGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Flower's own push-then-pull loop (``InMemoryGrid.send_and_receive``), with the
-        stop flag checked between pulls."""
+        """Flower's own push-then-pull loop, with the stop flag checked between pulls."""
         check_stop()
-        pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            REPLIES.reset()  # before the pull: a reply stored during it is counted for the next wait
-            got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
-                check_stop()
-                REPLIES.wait_for(len(pending), POLL_S)
-        return replies
+        return push_and_pull(self._grid, messages, timeout, POLL_S, between=check_stop)
+
+
+def push_and_pull(grid: Any, messages: Iterable[Message], timeout: float | None, poll_s: float,
+                  between: Callable[[], None] | None = None) -> list[Message]:
+    """``Grid.send_and_receive``'s loop: push, then pull until every reply is in or
+    ``timeout`` passed; between pulls, wait until as many replies were stored as are
+    awaited (:data:`REPLIES`, when an engine counts them) or ``poll_s``."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and (deadline is None or time.monotonic() < deadline):
+        REPLIES.reset()  # before the pull: a reply stored during it is counted for the next wait
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            if between is not None:
+                between()
+            REPLIES.wait_for(len(pending), poll_s)
+    return replies

@@ -46,7 +46,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,68 +56,19 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.process_tree import alive as _alive
+from simulations.process_tree import cpu_ticks as _cpu_ticks
+from simulations.process_tree import descendants as _descendants
+from simulations.process_tree import free_port
+from simulations.process_tree import signal_if_alive as _signal
+from simulations.process_tree import stat as _stat
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 RUN_TIMEOUT = 1800.0
 
-# --- process handling (after tests/processes.py, plus a timestamp on every log line) -----
-
-
-def free_port() -> int:
-    """A loopback TCP port free right now (the OS picks it), so that nothing else is hit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time, state) of a live PID; None if gone. The start time guards
-    against signalling a recycled PID."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of a live PID in clock ticks (0 if gone): idle cost of a poll loop."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _descendants(pid: int) -> list[tuple[int, int]]:
-    """(pid, start time) of every live descendant: the SuperLink and SuperNodes start
-    SuperExec helpers (some in a new session), which start the app processes."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None:
-            children.setdefault(st[0], []).append((int(entry), st[1]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[1] == start and st[2] != "Z"
-
-
-def _signal(pid: int, start: int, sig: int) -> None:
-    if _alive(pid, start):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+# --- process handling (simulations.process_tree, plus a timestamp on every log line) -----
 
 
 class Service:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.process_tree import descendants
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "results" / "scale.md"
 
@@ -43,28 +45,13 @@ OUT = REPO / "docs" / "results" / "scale.md"
 # -- memory of a process tree -------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                raw = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(raw[raw.rindex(")") + 2:].split()[1])
-            tree.setdefault(ppid, []).append(int(d.name))
-    return tree
-
-
 def tree_memory(pid: int) -> tuple[int, int]:
     """(RSS, PSS) bytes of ``pid`` and all its descendants (Ray's daemons and workers
     included). The RSS sum counts a page shared by several processes (torch's and faiss's
     libraries, mapped by the driver and every worker) once per process; PSS splits it
     among them, so the PSS sum is the memory the tree really holds."""
-    tree, todo, rss, pss = _children(), [pid], 0, 0
-    while todo:
-        p = todo.pop()
-        todo += tree.get(p, [])
+    rss, pss = 0, 0
+    for p in [pid, *(child for child, _ in descendants(pid))]:
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Rss:"):

@@ -29,7 +29,7 @@ from typing import Any
 import flwr
 from flwr.supercore import log
 
-from fed_app.interrupts import REPLIES
+from fed_app.interrupts import REPLIES, push_and_pull
 
 FLOWER = "1.42."  # the internals below are those of this release line
 _installed: dict[str, Any] = {}
@@ -60,7 +60,6 @@ def install(poll_s: float) -> bool:
     if not flwr.__version__.startswith(FLOWER):
         log(WARNING, "simulations.flower_engine: written for Flower %sx, found %s; Flower's own pump is used", FLOWER, flwr.__version__)
         return False
-    import time
 
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
@@ -97,18 +96,8 @@ def install(poll_s: float) -> bool:
         _installed["pull"](self, *args, **kwargs)
 
     def send_and_receive(self: Any, messages: Any, *, timeout: float | None = None) -> list:
-        """InMemoryGrid's push-then-pull loop, waking on a stored reply instead of a fixed sleep."""
-        pending = set(self.push_messages(messages))
-        end = None if timeout is None else time.time() + timeout
-        replies: list = []
-        while pending and (end is None or time.time() < end):
-            REPLIES.reset()
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
-                REPLIES.wait_for(len(pending), self.pull_interval)
-        return replies
+        """InMemoryGrid's push-then-pull loop, waking on stored replies instead of a fixed sleep."""
+        return push_and_pull(self, messages, timeout, self.pull_interval)
 
     vce_api.add_messages_to_queue = add_messages_to_queue
     inmemory_grid.InMemoryGrid.__init__ = grid_init

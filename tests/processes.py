@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from simulations.process_tree import alive as _alive
+from simulations.process_tree import descendants as _descendants
+from simulations.process_tree import free_port
+from simulations.process_tree import signal_if_alive as _signal
+from simulations.process_tree import stat as _stat
+
 __all__ = ["Proc", "Processes", "free_port", "wait_for_port"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
@@ -44,46 +43,6 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> 
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
-
-
-# --- /proc helpers (Linux) ---------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time, state) of a live PID, None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def _descendants(pid: int) -> list[tuple[int, int]]:
-    """(pid, start time) of every live descendant of ``pid``."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None:
-            children.setdefault(st[0], []).append((int(entry), st[1]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[1] == start and st[2] != "Z"
-
-
-def _signal(pid: int, start: int, sig: int) -> None:
-    if _alive(pid, start):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 # --- processes ---------------------------------------------------------------------

@@ -254,13 +254,18 @@ def check_same_index(trained, injected, x, queries, quantizer_attr):
     a, b = getattr(trained, quantizer_attr), getattr(injected, quantizer_attr)
     np.testing.assert_array_equal(b.compute_codes(x), a.compute_codes(x))
     np.testing.assert_array_equal(injected.sa_encode(x), trained.sa_encode(x))
-    trained.add(x)
-    injected.add(x)
-    np.testing.assert_array_equal(faiss.vector_to_array(injected.codes), faiss.vector_to_array(trained.codes))
-    d_t, i_t = trained.search(queries, 10)
-    d_i, i_i = injected.search(queries, 10)
-    np.testing.assert_array_equal(i_i, i_t)
-    np.testing.assert_allclose(d_i, d_t, rtol=1e-5, atol=1e-5)
+    check_same_after_add(trained, injected, x, queries)
+
+
+def check_same_after_add(ref, other, x, queries):
+    """Both store the same codes for ``x`` and answer ``queries`` alike."""
+    ref.add(x)
+    other.add(x)
+    np.testing.assert_array_equal(faiss.vector_to_array(other.codes), faiss.vector_to_array(ref.codes))
+    d_r, i_r = ref.search(queries, 10)
+    d_o, i_o = other.search(queries, 10)
+    np.testing.assert_array_equal(i_o, i_r)
+    np.testing.assert_allclose(d_o, d_r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", list(SEARCH_TYPES))
@@ -316,13 +321,7 @@ def test_norm_from_lut_searches_like_decompress(glove, rq_books, lsq_trained, ki
     exact = additive_index(kind, books)
     lut = additive_index(kind, books, search_type=ST.ST_norm_from_LUT)
     assert lut.code_size == exact.code_size == (books.shape[0] * 6 + 7) // 8
-    exact.add(x)
-    lut.add(x)
-    np.testing.assert_array_equal(faiss.vector_to_array(lut.codes), faiss.vector_to_array(exact.codes))
-    d_e, i_e = exact.search(queries, 10)
-    d_l, i_l = lut.search(queries, 10)
-    np.testing.assert_array_equal(i_l, i_e)
-    np.testing.assert_allclose(d_l, d_e, rtol=1e-5, atol=1e-5)
+    check_same_after_add(exact, lut, x, queries)
 
 
 def test_lsq_encoding_depends_on_seed_not_on_call(x, lsq_trained):

@@ -12,9 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import faiss
 import numpy as np
 
-from .validation import KINDS, VectorError, check_pq_geometry
-
-IVF_KINDS = ("ivfpq", "ivfflat")  # kinds with federated coarse centroids (nlist, nprobe)
+from .validation import IVF_KINDS, KINDS, VectorError, check_pq_geometry
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import numpy as np
 
 
 KINDS = ("flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq")  # the index kinds a shard can build
+IVF_KINDS = ("ivfpq", "ivfflat")  # kinds with federated coarse centroids (nlist, nprobe)
 
 
 class VectorError(ValueError):
