@@ -11,8 +11,10 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from vector_index.quantizers import IndexSpec, build_index, residuals, squared_errors
+from vector_index import additive
+from vector_index.quantizers import IndexSpec, additive_quantizer, build_index, residuals, squared_errors, train_additive
 from vector_index.topk import recall_report
+from vector_index.validation import ADDITIVE_KINDS
 
 from . import lloyd
 from .experiment import ClientView, Shared
@@ -39,6 +41,8 @@ def train_local_codebooks(
     fewer vectors is replaced by a copy of a supported one.
     """
     books: dict[str, np.ndarray] = {}
+    if spec.kind in ADDITIVE_KINDS:  # faiss RQ/LSQ training (min_count: refused by validation, see fed_app.config)
+        return {spec.kind: train_additive(spec, z, seed)}
     for level in spec.levels:
         m, k, _ = spec.level_shape(level, z.shape[1])
         zl = level_input(z, level, books)
@@ -107,7 +111,7 @@ def codebook_update(
     for level in spec.levels:
         zl = level_input(z, level, books)
         if mode == "lloyd":
-            sums, counts, _ = lloyd.lloyd_statistics(zl, books[level])
+            sums, counts = level_statistics(zl, level, books, spec, cfg.server_round or 1)
             sums, counts, small = release.suppress_small_cells(sums, counts, policy.min_count)
             withheld += small
             update[f"{level}.sums"] = sums.astype(np.float32)
@@ -120,6 +124,31 @@ def codebook_update(
         else:
             raise ValueError(f"unknown codebook_update mode {mode!r}")
     return update, withheld
+
+
+def level_statistics(
+    zl: np.ndarray, level: str, books: dict[str, np.ndarray], spec: IndexSpec, server_round: int, clip=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Lloyd step's sums and counts for ``level``, rows clipped by ``clip`` (DP) first.
+
+    PQ and coarse levels: per sub-space cell of the level's input. Additive levels: per
+    codeword of this round's codebook (:func:`additive.round_plan`), either of the
+    residuals the stages before it leave (a greedy RQ stage, as faiss trains) or of the
+    targets all other codebooks leave under faiss's own encoding (a block update).
+    """
+    if level not in ADDITIVE_KINDS:
+        sums, counts, _ = lloyd.lloyd_statistics(zl if clip is None else clip(zl), books[level])
+        return sums, counts
+    book = books[level]
+    stage, greedy = additive.round_plan(server_round, book.shape[0], spec.stage_rounds)
+    if greedy:
+        r = additive.rq_residuals(zl, book[:stage], spec.beam_size)
+        sums, counts, _ = additive.rq_stage_statistics(r if clip is None else clip(r), book[stage])
+        return sums[None], counts[None]
+    aq = additive_quantizer(spec, book)
+    codes = additive.unpack_codes(aq, aq.compute_codes(zl))
+    targets = additive.block_targets(zl, book, codes, stage)
+    return additive.block_statistics(targets if clip is None else clip(targets), codes[:, stage], book.shape[1])
 
 
 def train(
@@ -137,7 +166,8 @@ def train(
         proximal_mu=cfg.proximal_mu or 0.0, seed=cfg.seed * 100_003 + (cfg.server_round or 0),
     )
     books = shard_codebooks(state, x, spec, cfg)
-    weights, losses = train_encoder(state.encoder, x, [books[lvl] for lvl in spec.levels], settings)
+    quantizers = [additive_quantizer(spec, books[lvl]) if lvl in ADDITIVE_KINDS else books[lvl] for lvl in spec.levels]
+    weights, losses = train_encoder(state.encoder, x, quantizers, settings)
     z = encode_weights(weights, x)
     update, withheld = codebook_update(z, books, spec, cfg, policy)
     metrics = {"num-examples": policy.round_examples(x.shape[0]), "cells-withheld": float(withheld), **losses}
@@ -158,7 +188,7 @@ def evaluate(state: GlobalState, x: np.ndarray, ids: np.ndarray, cfg: Shared, po
     spec = cfg.index.spec
     z = encode_weights(state.encoder, x)
     books = shard_codebooks(state, x, spec, cfg)
-    sse = float(squared_errors(z, books).sum()) if books else 0.0
+    sse = float(squared_errors(z, books, spec).sum()) if books else 0.0
     n = x.shape[0]
     out = {
         "num-examples": policy.round_examples(n),

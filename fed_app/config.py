@@ -15,6 +15,8 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vector_index.validation import ADDITIVE_KINDS
+
 from .experiment import ConfigError, Experiment, parse
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -54,8 +56,16 @@ def validate(cfg: dict[str, Any] | Experiment, dim: int, num_vectors: int, num_p
     n = exp.num_clients
     need(n <= num_vectors, "num_clients", f"{n} clients but only {num_vectors} base vectors")
     idx = exp.index
-    if idx.m is not None and idx.nbits is not None:
+    if idx.kind in ADDITIVE_KINDS:
+        need(exp.init.source == "public" or exp.codebook_update == "local", "init.source",
+             f"index={idx.kind}: its M full-dimensional codebooks start from faiss's {idx.kind.upper()} trained on public vectors "
+             "(k-FED merges per-sub-space centroids, which an additive quantizer does not have); use init.source=public")
+        need(exp.codebook_update in ("lloyd", "none", "local"), "strategy",
+             f"index={idx.kind} trains by exact federated block updates (codebook_update=lloyd); {exp.strategy.name} averages "
+             "codebooks, and averaging additive codebooks trained apart means nothing; use fedlloyd, init_only or local_only")
+    if idx.m is not None and idx.nbits is not None and idx.kind not in ADDITIVE_KINDS:
         need(dim % idx.m == 0, "index.m", f"the vectors' dimension {dim} is not divisible by M={idx.m}")
+    if idx.m is not None and idx.nbits is not None:
         need(num_vectors >= 1 << idx.nbits, "index.nbits", f"2^{idx.nbits} centroids but only {num_vectors} vectors")
     if idx.nlist is not None:
         need(idx.nlist <= num_vectors, "index.nlist", f"must be in 1..{num_vectors}, got {idx.nlist}")

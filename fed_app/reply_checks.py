@@ -21,9 +21,10 @@ from functools import cached_property
 import numpy as np
 from flwr.app import RecordDict
 
-from vector_index.model_checks import ModelBounds, max_centroid_norm
+from vector_index.additive import round_plan
+from vector_index.model_checks import ModelBounds, additive_target_norm, max_centroid_norm
 from vector_index.quantizers import IndexSpec
-from vector_index.validation import VectorError
+from vector_index.validation import ADDITIVE_KINDS, VectorError
 
 from .encoder import affine_of
 from .model_guard import check_model
@@ -47,6 +48,7 @@ class Expected:
     bounds: ModelBounds
     examples_digits: int  # num-examples arrive rounded to this many significant digits
     min_count: int  # cells under this many vectors are withheld (zero) by a node
+    server_round: int = 1  # an additive level's update is that of this round's codebook (round_plan)
 
     def tolerance(self) -> float:
         """Relative error of a count rounded to ``examples_digits`` significant digits."""
@@ -109,6 +111,10 @@ def train_reply(content: RecordDict, exp: Expected) -> tuple[dict[str, np.ndarra
     coarse = float(np.linalg.norm(exp.codebooks["coarse"], axis=-1).max()) if "coarse" in exp.codebooks else 0.0
     for level, book in exp.codebooks.items():
         limit = exp.bounds.norm_slack * max_centroid_norm(level, norm, coarse)
+        if level in ADDITIVE_KINDS:  # one codebook's targets: x minus the other codebooks' codewords
+            stage, _ = round_plan(exp.server_round, book.shape[0], exp.spec.stage_rounds)
+            limit = exp.bounds.norm_slack * additive_target_norm(book, stage, norm)
+            book = book[stage : stage + 1]
         if exp.mode != "lloyd":
             cents = _array(update, f"{level}.centroids", book.shape, "float")
             if np.linalg.norm(cents, axis=-1).max() > limit:

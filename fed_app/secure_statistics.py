@@ -8,6 +8,8 @@ FedAdam step then runs on the average), n_k * centroids for the averaging baseli
 With DP (``privacy=secure``) each array has an L2 sensitivity to one vector:
 
 - Lloyd sums of vectors clipped to norm C: C; counts: sqrt(M) (one cell per sub-space);
+  an additive level (RQ/LSQ) sends one codebook's cells per round, of targets clipped
+  to C: C and 1;
 - the rotation encoder moves by federated Procrustes (an over-relaxed OPQ step): the
   client sends sum_i q_i x_i^T with q_i, x_i clipped to C (sensitivity C^2) and the
   server takes the orthogonal polar factor. A gradient-trained encoder update has no per-vector bound
@@ -24,7 +26,7 @@ import torch
 
 from vector_index.quantizers import reconstruct, squared_errors
 
-from . import client_tasks, lloyd
+from . import client_tasks
 from .encoder import ROTATION_KEY, encode_weights, load_encoder, weights_of
 from .experiment import ClientView, Shared
 from .privacy import dp
@@ -70,11 +72,11 @@ def _dp_train(state, x: np.ndarray, cfg: ClientView, policy: ClientPolicy) -> tu
     if mode == "lloyd":
         for level in spec.levels:
             zl = client_tasks.level_input(z, level, books)
-            sums, counts, _ = lloyd.lloyd_statistics(dp.clip_rows(zl, c), books[level])
+            sums, counts = client_tasks.level_statistics(zl, level, books, spec, cfg.server_round or 1, clip=lambda v: dp.clip_rows(v, c))
             stats[f"codebook.{level}.sums"], sens[f"codebook.{level}.sums"] = sums, c
             stats[f"codebook.{level}.counts"], sens[f"codebook.{level}.counts"] = counts.astype(np.float64), math.sqrt(counts.shape[0])
     if learn_encoder and books:
-        q = reconstruct(z, books)
+        q = reconstruct(z, books, spec)
         stats["encoder.cross"] = dp.clip_rows(q, c).astype(np.float64).T @ dp.clip_rows(x, c).astype(np.float64)
         sens["encoder.cross"] = c * c
     return stats, sens
@@ -84,7 +86,7 @@ def evaluate_statistics(state, x: np.ndarray, ids: np.ndarray, cfg: Shared, poli
     spec = cfg.index.spec
     z = encode_weights(state.encoder, x)
     books = client_tasks.shard_codebooks(state, x, spec, cfg)
-    err = squared_errors(z, books) if books else np.zeros(x.shape[0])
+    err = squared_errors(z, books, spec) if books else np.zeros(x.shape[0])
     energy = (z.astype(np.float64) ** 2).sum(axis=1)
     if policy.dp_epsilon > 0:
         c2 = policy.dp_clip**2

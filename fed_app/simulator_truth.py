@@ -47,7 +47,7 @@ def true_metrics(state: GlobalState, cfg: Shared, data: Dataset, truth: np.ndarr
         x = data.base[rows]
         z = encode(model, x)
         books = shard_codebooks(state, x, spec, cfg)
-        index, errors = build_index_with_errors(spec, z, rows.astype(np.int64), books)
+        index, errors = build_index_with_errors(spec, z, rows.astype(np.int64), books, decoded_search=True)
         d, i = index.search(zq, k)
         distances.append(d), ids.append(i)
         sse += float(errors.sum()) if books else 0.0

@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 from flwr.supercore import log
 
+from vector_index.additive import round_plan
 from vector_index.model_checks import ModelBounds
 from vector_index.quantizers import IndexSpec
-from vector_index.validation import VectorError
+from vector_index.validation import ADDITIVE_KINDS, VectorError
 
 from . import lloyd
 from .encoder import affine_of
@@ -146,13 +147,13 @@ class CodebookMixin:
         the last only: at 1,000 clients the evaluate messages are half a round's traffic."""
         self._evaluate_every, self._num_rounds = every, num_rounds
 
-    def _expected(self, model: dict[str, np.ndarray]) -> Expected:
+    def _expected(self, model: dict[str, np.ndarray], server_round: int = 1) -> Expected:
         """What replies about ``model`` (the arrays sent, prefixed) must look like."""
         assert self.checks is not None
         c = self.checks
         encoder = {k[len(ENCODER):]: v for k, v in model.items() if k.startswith(ENCODER)}
         books = {k[len(CODEBOOK):]: v for k, v in model.items() if k.startswith(CODEBOOK)}
-        return Expected(c.spec, c.dim, encoder, books, self.codebook_update, c.data_norm, c.bounds, c.examples_digits, c.min_count)
+        return Expected(c.spec, c.dim, encoder, books, self.codebook_update, c.data_norm, c.bounds, c.examples_digits, c.min_count, server_round)
 
     def _reject(self, server_round: int, phase: str, msg: Message, reason: str) -> None:
         node = msg.metadata.src_node_id
@@ -273,7 +274,7 @@ class CodebookMixin:
         if self.secure is not None:
             return self._aggregate_secure_train(server_round, replies, answered)
         valid = []
-        expected = self._expected(self._sent_model) if self.checks is not None else None
+        expected = self._expected(self._sent_model, server_round) if self.checks is not None else None
         for msg in replies:
             if msg.has_error():
                 continue
@@ -364,7 +365,7 @@ class CodebookMixin:
                 counts = total[f"codebook.{level}.counts"]
                 floor = self.secure.empty_sigmas * self._noise_std.get(f"codebook.{level}.counts", 0.0)
                 counts = np.where(counts > max(floor, 0.5), counts, 0.0)  # a noisy count near 0 is no cell
-                out[key], empty = lloyd.lloyd_update(total[f"codebook.{level}.sums"], counts, previous, self._empty_policy(), self.seed + server_round)
+                out[key], empty = self._lloyd_step(level, total[f"codebook.{level}.sums"], counts, previous, server_round)
                 n_empty += empty
             elif f"codebook.{level}.centroids" in total:
                 out[key] = (total[f"codebook.{level}.centroids"] / float(total["examples"][0])).astype(np.float32)
@@ -381,11 +382,22 @@ class CodebookMixin:
             elif self.codebook_update == "lloyd":
                 sums = np.sum([u[f"{level}.sums"].astype(np.float64) for u in updates], axis=0)
                 counts = np.sum([u[f"{level}.counts"].astype(np.int64) for u in updates], axis=0)
-                out[key], empty = lloyd.lloyd_update(sums, counts, previous, self._empty_policy(), self.seed + server_round)
+                out[key], empty = self._lloyd_step(level, sums, counts, previous, server_round)
                 n_empty += empty
             else:
                 out[key] = lloyd.weighted_average([u[f"{level}.centroids"] for u in updates], weights)
         return out, n_empty
+
+    def _lloyd_step(self, level: str, sums: np.ndarray, counts: np.ndarray, previous: np.ndarray, server_round: int) -> tuple[np.ndarray, int]:
+        """The Lloyd update of ``level``; an additive level's statistics are those of this
+        round's codebook only (``round_plan``), which alone moves."""
+        if level not in ADDITIVE_KINDS:
+            return lloyd.lloyd_update(sums, counts, previous, self._empty_policy(), self.seed + server_round)
+        assert self.checks is not None  # the federation always sets them
+        stage, _ = round_plan(server_round, previous.shape[0], self.checks.spec.stage_rounds)
+        out = previous.astype(np.float32).copy()
+        out[stage : stage + 1], empty = lloyd.lloyd_update(sums, counts, previous[stage : stage + 1], self._empty_policy(), self.seed + server_round)
+        return out, empty
 
     def _empty_policy(self) -> str:
         """``auto``: faiss's split only when no node withholds small cells. Under

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from vector_index.additive import (
+    block_statistics,
+    block_targets,
+    round_plan,
     LSQ_LAMBDA,
     additive_codebooks,
     additive_index,
@@ -350,3 +353,53 @@ def test_refusals(x, rq_books):
         lsq_normal_statistics(x[:10], np.full((10, 4), 64), 4, 64)
     with pytest.raises(VectorError, match="eta"):
         lsq_solve(np.eye(8), np.zeros((8, 3)), 0.0, m=2)
+
+
+# ------------------------------------------- the federation's step: one codebook per round
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_federated_block_step_equals_union_least_squares_block(x, lsq_trained, lsq_codes, stage):
+    """The federation's update of one codebook (sums and counts of its targets, summed
+    over uneven shards) is the exact least-squares solution for that codebook on the
+    union, the others and the codes fixed: from the union's normal equations,
+    C_s = D_s^-1 (BᵀX_s - sum_{j != s} (BᵀB)_{sj} C_j)."""
+    books = additive_codebooks(lsq_trained)
+    m, k, d = books.shape
+    perm = np.random.default_rng(2).permutation(N)
+    parts = [block_statistics(block_targets(x[p], books, lsq_codes[p], stage), lsq_codes[p, stage], k) for p in np.split(perm, CUTS)]
+    sums, counts = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert sums.shape == (1, k, d) and counts.shape == (1, k)
+    filled = counts[0] > 0
+    fed = sums[0, filled] / counts[0, filled, None]
+
+    btb, btx = lsq_normal_statistics(x, lsq_codes, m, k)
+    rows = slice(stage * k, (stage + 1) * k)
+    rhs = btx[rows] - sum(btb[rows, j * k : (j + 1) * k] @ books[j].astype(np.float64) for j in range(m) if j != stage)
+    diag = btb[rows, rows].diagonal()
+    np.testing.assert_array_equal(diag, counts[0])
+    np.testing.assert_allclose(fed, rhs[filled] / diag[filled, None], rtol=1e-5, atol=1e-6)
+
+    # and it is the best codebook s: distortion with the codes fixed does not rise
+    def distortion(b):
+        return float(((x - sum(b[j][lsq_codes[:, j]] for j in range(m))) ** 2).sum())
+
+    new = books.copy()
+    new[stage, filled] = fed.astype(np.float32)
+    assert distortion(new) <= distortion(books) * (1 + 1e-6)
+
+
+def test_block_targets_of_rq_stage_are_residuals_plus_the_codeword(x, rq_books):
+    """For the last RQ stage the target is the residual after all stages plus its own codeword."""
+    rq = rq_from_codebooks(rq_books, BEAM)
+    codes = unpack_codes(rq, rq.compute_codes(x))
+    last = rq_books.shape[0] - 1
+    t = block_targets(x, rq_books, codes, last)
+    np.testing.assert_allclose(t, x - rq.decode(rq.compute_codes(x)) + rq_books[last][codes[:, last]], rtol=1e-5, atol=1e-5)
+
+
+def test_round_plan_trains_stages_in_order_then_cycles_block_updates():
+    assert [round_plan(r, 3) for r in range(1, 5)] == [(0, False), (1, False), (2, False), (0, False)]
+    assert round_plan(0, 3) == (0, False)  # round 0 (the init) counts as the first
+    greedy = [round_plan(r, 3, 2) for r in range(1, 10)]
+    assert greedy == [(0, True), (0, True), (1, True), (1, True), (2, True), (2, True), (0, False), (1, False), (2, False)]

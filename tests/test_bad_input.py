@@ -261,6 +261,10 @@ def test_good_config_passes(good_cfg):
         (["train.lam=-1"], "train.lam", "must be >= 0, got -1"),
         (["num_rounds=2.5"], "num_rounds", "must be an integer, got 2.5"),
         (["eval.k=100000"], "eval.k", "100000 neighbours asked of 1500 base vectors"),
+        (["index=rq", "init.source=clients", "privacy=trusted"], "init.source", "faiss's RQ trained on public vectors"),
+        (["index=lsq", "strategy=avg_refined", "privacy=trusted"], "strategy", "averaging additive codebooks"),
+        (["index=rq", "index.beam_size=0"], "index.beam_size", "must be >= 1, got 0"),
+        (["index=lsq", "+index.beam_size=3"], "index.beam_size", "not a key of index=lsq"),
     ],
 )
 def test_invalid_config_names_the_key(overrides, key, why):

@@ -12,9 +12,12 @@ from vector_index.quantizers import (
     build_index_with_errors,
     make_product_quantizer,
     reconstruct,
+    reference_codebooks,
     residuals,
+    sa_codes,
     split_subspaces,
     squared_errors,
+    train_reference_index,
 )
 from vector_index.validation import VectorError
 
@@ -232,3 +235,45 @@ def test_index_spec_geometry():
     assert spec.code_size(D) == (M * NBITS + 7) // 8
     with pytest.raises(VectorError, match="nlist >= 1"):
         IndexSpec("ivfpq", m=M, nbits=NBITS, nlist=0)
+
+
+@pytest.mark.parametrize("kind", ["rq", "lsq"])
+def test_injected_additive_index_encodes_and_searches_like_the_reference(data, kind):
+    """index=rq/lsq: faiss's own RQ/LSQ trained centrally (the reference), its codebooks
+    taken out and injected into a shard's index: the same codes, the same answers, and
+    the same squared errors through every path (reconstruct, one encoding for both)."""
+    x, q = data
+    spec = IndexSpec(kind, m=3, nbits=NBITS, beam_size=4, ils_iters=6)
+    assert spec.levels == (kind,) and spec.level_shape(kind, D) == (3, K, D)
+    assert spec.factory_string() == f"{kind.upper()}3x{NBITS}" and spec.code_size(D) == (3 * NBITS + 7) // 8
+    ref = train_reference_index(spec, x, seed=1)
+    books, transform = reference_codebooks(spec, ref)
+    assert transform is None and books[kind].shape == (3, K, D)
+    index = build_index(spec, x, np.arange(N), books)
+    np.testing.assert_array_equal(sa_codes(index, x), faiss.downcast_index(ref).sa_encode(x))
+    d_ref, i_ref = ref.search(q, 10)
+    d, i = index.search(q, 10)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
+    recon = faiss.downcast_index(ref).sa_decode(faiss.downcast_index(ref).sa_encode(x))
+    err = squared_errors(x, books, spec)
+    np.testing.assert_allclose(err, ((x - recon) ** 2).sum(axis=1), rtol=1e-5, atol=1e-6)
+    index2, err2 = build_index_with_errors(spec, x, np.arange(N), books)
+    np.testing.assert_array_equal(err2, ((x - recon) ** 2).sum(axis=1))
+    assert index2.ntotal == N
+    np.testing.assert_array_equal(index2.search(q, 10)[1], i_ref)
+    flat, err3 = build_index_with_errors(spec, x, np.arange(N), books, decoded_search=True)
+    np.testing.assert_array_equal(err3, err2)
+    d_flat, i_flat = flat.search(q, 10)
+    np.testing.assert_allclose(d_flat, d_ref, rtol=1e-4, atol=1e-5)  # the same distances, by BLAS
+    assert (i_flat == i_ref).mean() > 0.99  # ties and float rounding may swap a neighbour
+
+
+def test_additive_codebooks_are_checked(data):
+    spec = IndexSpec("rq", m=3, nbits=NBITS)
+    with pytest.raises(VectorError, match="level 'rq'"):
+        build_index(spec, data[0], np.arange(N), {"rq": np.zeros((3, K, D + 1), np.float32)})
+    with pytest.raises(VectorError, match="needs codebook level"):
+        build_index(spec, data[0], np.arange(N), {"pq": np.zeros((3, K, D), np.float32)})
+    with pytest.raises(VectorError, match="beam_size"):
+        IndexSpec("rq", m=3, nbits=NBITS, beam_size=0)

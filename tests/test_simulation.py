@@ -73,6 +73,27 @@ def test_ivfflat_trains_coarse_centroids(tmp_path):
     assert summary["final"]["bytes_per_vector"] == 4 * 16
 
 
+@pytest.mark.parametrize("kind", ["rq", "lsq"])
+def test_additive_quantizer_trains_one_codebook_per_round(tmp_path, kind):
+    """index=rq/lsq through the secure path: faiss's RQ/LSQ on the public vectors, then
+    one exact block update per round (each codebook in turn, two sweeps): the distortion
+    falls every round and the recall approaches the centralized faiss quantizer's."""
+    from conftest import TINY
+
+    from fed_app.config import compose_config
+
+    cfg = compose_config([*TINY, "num_clients=3", "num_rounds=8", f"index={kind}", "save_shards=false"])
+    summary = json.loads(simulate(cfg, tmp_path).read_text())
+    check_summary(summary, 8)
+    distortion = [r["distortion"] for r in summary["rounds"]]
+    assert all(b <= a * 1.001 for a, b in zip(distortion, distortion[1:])), distortion
+    assert distortion[-1] < 0.8 * distortion[0], distortion
+    fed, central = summary["final"]["federated"], summary["final"]["centralized"]
+    assert fed["recall_10_at_10"] >= 0.75 * central["recall_10_at_10"], (fed, central)
+    assert summary["final"]["bytes_per_vector"] == 3  # M=4 codebooks of 2**6 codewords
+    assert summary["final"]["bytes_up_per_client_per_round"] < 16_000  # one [64, 16] codebook's sums and counts, not all four
+
+
 def test_invalid_config_is_refused_before_clients_start(tiny_cfg, tmp_path):
     cfg = tiny_cfg("num_clients=3", "index.m=5")  # 16 % 5 != 0
     with pytest.raises(ConfigError, match="index.m"):
@@ -80,7 +101,7 @@ def test_invalid_config_is_refused_before_clients_start(tiny_cfg, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("index", ["pq", "opqpq"])
+@pytest.mark.parametrize("index", ["pq", "opqpq", "rq"])
 def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path, index):
     """After the last round every client saved its shard re-encoded with the global model:
     merging the shards' answers equals one faiss index with that model over the union."""
@@ -99,7 +120,8 @@ def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path
     per = [s.search(queries, 10) for s in shards]
     d, ids, nodes = merge_qualified([0, 1, 2], [p[0] for p in per], [p[1] for p in per], 10)
 
-    single = with_transform(empty_index(spec, 16, {"pq": model["codebook.pq"]}), a, b)
+    level = spec.levels[0]
+    single = with_transform(empty_index(spec, 16, {level: model[f"codebook.{level}"]}), a, b)
     union_ids = np.concatenate([s.ids for s in shards])
     single.add_with_ids(np.concatenate([s.vectors(s.ids) for s in shards]), union_ids)
     ds, is_ = single.search(queries, 10)

@@ -18,10 +18,10 @@ import numpy as np
 from .connectors import is_source_uri, read_source
 from .quantizers import IndexSpec, reference_codebooks, train_reference_index
 from .store import Shard
-from .validation import VectorError
+from .validation import KINDS, VectorError
 from .vector_files import read_ids, read_vectors
 
-SPEC_OPTIONS = ("m", "nbits", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction")
+SPEC_OPTIONS = ("m", "nbits", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "beam_size", "ils_iters")
 
 
 def read_model(path: str) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None, int | None]:
@@ -176,11 +176,12 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("shard", help="shard directory (created if missing)")
     imp.add_argument("--ids", help=".npy or .ivecs ids (default: numbered after the largest id)")
     imp.add_argument("--upsert", action="store_true", help="replace vectors whose ids exist")
-    imp.add_argument("--index", choices=["flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq"],
+    imp.add_argument("--index", choices=list(KINDS),
                      help="index kind of a new shard (default flat)")
     for name, what in (("m", "PQ sub-spaces"), ("nbits", "bits per PQ code"), ("nlist", "IVF lists"),
                        ("nprobe", "IVF lists searched"), ("hnsw_m", "HNSW neighbours"),
-                       ("ef_search", "HNSW search beam"), ("ef_construction", "HNSW build beam")):
+                       ("ef_search", "HNSW search beam"), ("ef_construction", "HNSW build beam"),
+                       ("beam_size", "RQ encoding beam"), ("ils_iters", "LSQ local-search iterations")):
         imp.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=what)
     imp.add_argument("--codebooks", help=".npz with the global codebooks (pq, coarse, A, b, model_version)")
     imp.add_argument("--train-local", action="store_true", help="train codebooks on this shard alone with faiss")

@@ -333,3 +333,49 @@ def lsq_solve(btb: np.ndarray, btx: np.ndarray, eta: float = LSQ_LAMBDA, *, m: i
     if not np.isfinite(c).all():
         raise VectorError("lsq_solve: non-finite codebooks (non-finite statistics?)")
     return c.astype(np.float32).reshape(m, mk // m, btx.shape[1])
+
+
+# ------------------------------------------------------- one codebook at a time
+
+
+def round_plan(server_round: int, m: int, stage_rounds: int = 0) -> tuple[int, bool]:
+    """(the codebook federated round ``server_round`` updates, whether it is a greedy RQ step).
+
+    With ``stage_rounds`` T > 0 (RQ), rounds 1..M*T train the stages in order as faiss
+    does, T Lloyd steps each on the residuals the stages before it leave (greedy:
+    later stages play no part, :func:`rq_residuals` / :func:`rq_stage_statistics`).
+    Every later round, and every round of LSQ (T = 0), is one exact block update of
+    one codebook with all others in place (:func:`block_targets`), each in turn.
+    Both sides derive the plan from the round number, so no message carries it.
+    """
+    r = max(int(server_round), 1) - 1
+    if r < m * stage_rounds:
+        return r // stage_rounds, True
+    return (r - m * stage_rounds) % m, False
+
+
+def block_targets(x: np.ndarray, codebooks: np.ndarray, codes: np.ndarray, stage: int) -> np.ndarray:
+    """``x`` minus the codewords of every codebook but ``stage``: what codebook ``stage``
+    has to reconstruct when the others and the codes stay fixed.
+
+    The mean of these targets per codeword of ``stage`` is the exact least-squares
+    update of that codebook alone (a Gauss-Seidel block of LSQ's joint solve, and for
+    RQ one Lloyd step of that stage with all others in place). Updating every codebook
+    at once from the same codes (Jacobi) diverges: shifting all M codebooks by v moves
+    every reconstruction by M v, so the simultaneous step overshoots M-fold.
+    """
+    books = np.asarray(codebooks, dtype=np.float32)
+    others = np.zeros_like(x, dtype=np.float32)
+    for j in range(books.shape[0]):
+        if j != stage:
+            others += books[j][codes[:, j]]
+    return np.ascontiguousarray(x - others, dtype=np.float32)
+
+
+def block_statistics(targets: np.ndarray, stage_codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``[1, K, d]`` (float64) and count ``[1, K]`` of the targets per codeword of the
+    stage: a client's whole message for one federated codebook step (PQ's record layout
+    with M=1, so the strategy's secure sum, DP noise and Lloyd update take it as they are)."""
+    sums = np.zeros((k, targets.shape[1]), np.float64)
+    np.add.at(sums, stage_codes, targets.astype(np.float64))
+    return sums[None], np.bincount(stage_codes, minlength=k).astype(np.int64)[None]

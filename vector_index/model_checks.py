@@ -77,6 +77,13 @@ def max_centroid_norm(level: str, vector_norm: float, coarse_norm: float) -> flo
     return vector_norm + (coarse_norm if level == "pq" else 0.0)
 
 
+def additive_target_norm(codebooks: np.ndarray, stage: int, vector_norm: float) -> float:
+    """The largest norm a target of codebook ``stage`` can have (a vector minus one
+    codeword of every other codebook): what that codebook's cell sums are bounded by."""
+    norms = np.linalg.norm(np.asarray(codebooks, dtype=np.float64), axis=-1).max(axis=1)
+    return vector_norm + float(norms.sum() - norms[stage])
+
+
 def check_codebook_norms(codebooks: dict[str, np.ndarray], vector_norm: float, bounds: ModelBounds) -> None:
     """Every centroid within ``norm_slack`` x what a mean of the data could reach."""
     coarse = float(np.linalg.norm(codebooks["coarse"], axis=-1).max()) if "coarse" in codebooks else 0.0

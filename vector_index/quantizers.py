@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 import faiss
 import numpy as np
 
-from .validation import IVF_KINDS, KINDS, VectorError, check_pq_geometry
+from . import additive
+from .validation import ADDITIVE_KINDS, IVF_KINDS, KINDS, VectorError, check_additive_geometry, check_pq_geometry
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,10 @@ class IndexSpec:
     ``opqpq`` is PQ behind a rotation: in federated training the rotation is the shared
     encoder, so :func:`build_index` builds the PQ part and the caller (or the store, via
     :func:`with_transform`) applies the rotation. ``hnsw``/``hnswpq`` wrap an HNSW graph
-    in an id map because HNSW cannot take user ids itself.
+    in an id map because HNSW cannot take user ids itself. ``rq``/``lsq`` are faiss's
+    additive quantizers: M full-dimensional codebooks of 2**nbits codewords, encoded by
+    beam search (``beam_size``) or local search (``ils_iters``), stored without norms
+    (faiss's ST_decompress, M*nbits bits per vector).
     """
 
     kind: str  # one of KINDS
@@ -33,6 +37,9 @@ class IndexSpec:
     hnsw_m: int = 32
     ef_search: int = 64
     ef_construction: int = 40
+    beam_size: int = additive.RQ_BEAM_SIZE
+    ils_iters: int = additive.LSQ_ENCODE_ILS_ITERS
+    stage_rounds: int = 0  # rq: federated Lloyd rounds per stage before block updates (additive.round_plan)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -41,7 +48,9 @@ class IndexSpec:
             raise VectorError(f"{self.kind} needs nlist >= 1, got {self.nlist}")
         if self.kind in IVF_KINDS and not 1 <= self.nprobe <= self.nlist:
             raise VectorError(f"{self.kind} needs 1 <= nprobe <= nlist={self.nlist}, got nprobe={self.nprobe}")
-        for name in ("hnsw_m", "ef_search", "ef_construction"):
+        if self.stage_rounds < 0 or (self.stage_rounds and self.kind != "rq"):
+            raise VectorError(f"stage_rounds={self.stage_rounds}: only rq trains stage by stage (>= 0)")
+        for name in ("hnsw_m", "ef_search", "ef_construction", "beam_size", "ils_iters"):
             if getattr(self, name) < 1:
                 raise VectorError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -62,11 +71,14 @@ class IndexSpec:
     @property
     def levels(self) -> tuple[str, ...]:
         """The codebook levels this index needs, coarse first (residuals depend on it)."""
-        return {"ivfpq": ("coarse", "pq"), "ivfflat": ("coarse",), "flat": (), "hnsw": ()}.get(self.kind, ("pq",))
+        return {"ivfpq": ("coarse", "pq"), "ivfflat": ("coarse",), "flat": (), "hnsw": (), "rq": ("rq",), "lsq": ("lsq",)}.get(self.kind, ("pq",))
 
     def level_shape(self, level: str, d: int) -> tuple[int, int, int]:
         if level == "coarse":
             return (1, self.nlist, d)
+        if level in ADDITIVE_KINDS:
+            check_additive_geometry(self.m, self.nbits)
+            return (self.m, 1 << self.nbits, d)
         check_pq_geometry(d, self.m, self.nbits)
         return (self.m, 1 << self.nbits, d // self.m)
 
@@ -81,6 +93,8 @@ class IndexSpec:
             "hnsw": f"HNSW{self.hnsw_m},Flat",
             "hnswpq": f"HNSW{self.hnsw_m},{pq}",
             "opqpq": f"OPQ{self.m},{pq}np",
+            "rq": f"RQ{self.m}x{self.nbits}",
+            "lsq": f"LSQ{self.m}x{self.nbits}",
         }[self.kind]
 
     def code_size(self, d: int) -> int:
@@ -88,6 +102,13 @@ class IndexSpec:
         if self.kind in ("flat", "hnsw", "ivfflat"):
             return 4 * d
         return (self.m * self.nbits + 7) // 8
+
+
+def additive_quantizer(spec: IndexSpec, codebook: np.ndarray) -> faiss.AdditiveQuantizer:
+    """The faiss RQ/LSQ of ``spec`` holding ``codebook`` [M, K, d]: encodes as the shard's index does."""
+    if spec.kind == "rq":
+        return additive.rq_from_codebooks(codebook, spec.beam_size)
+    return additive.lsq_from_codebooks(codebook, spec.ils_iters)
 
 
 def split_subspaces(x: np.ndarray, m: int) -> np.ndarray:
@@ -125,8 +146,14 @@ def residuals(x: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x - coarse[0][coarse_assign(x, coarse)])
 
 
-def reconstruct(x: np.ndarray, codebooks: dict[str, np.ndarray]) -> np.ndarray:
-    """What the compressed index stores for ``x`` (coarse centroid + PQ of the residual)."""
+def reconstruct(x: np.ndarray, codebooks: dict[str, np.ndarray], spec: IndexSpec | None = None) -> np.ndarray:
+    """What the compressed index stores for ``x`` (coarse centroid + PQ of the residual,
+    or the additive quantizer's sum of codewords; ``spec`` says how it encodes)."""
+    for kind in ADDITIVE_KINDS:
+        if kind in codebooks:
+            aq = additive_quantizer(spec or IndexSpec(kind, m=codebooks[kind].shape[0]), codebooks[kind])
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            return aq.decode(aq.compute_codes(x))
     base = np.zeros_like(x)
     if "coarse" in codebooks:
         base = codebooks["coarse"][0][coarse_assign(x, codebooks["coarse"])]
@@ -137,9 +164,9 @@ def reconstruct(x: np.ndarray, codebooks: dict[str, np.ndarray]) -> np.ndarray:
     return base + pq.decode(pq.compute_codes(r))
 
 
-def squared_errors(x: np.ndarray, codebooks: dict[str, np.ndarray]) -> np.ndarray:
+def squared_errors(x: np.ndarray, codebooks: dict[str, np.ndarray], spec: IndexSpec | None = None) -> np.ndarray:
     """Per-vector ||x - q(x)||^2 under the given codebooks."""
-    return ((x - reconstruct(x, codebooks)) ** 2).sum(axis=1)
+    return ((x - reconstruct(x, codebooks, spec)) ** 2).sum(axis=1)
 
 
 def check_codebooks(spec: IndexSpec, d: int, codebooks: dict[str, np.ndarray], strict: bool = False) -> dict[str, np.ndarray]:
@@ -181,6 +208,8 @@ def empty_index(spec: IndexSpec, d: int, codebooks: dict[str, np.ndarray]) -> fa
         inject_codebook(storage.pq, books["pq"])
         storage.pq.compute_sdc_table()  # graph construction compares codes with codes
         storage.is_trained = inner.is_trained = True
+    elif spec.kind in ADDITIVE_KINDS:
+        inner = additive.additive_index(spec.kind, books[spec.kind], beam_size=spec.beam_size, encode_ils_iters=spec.ils_iters)
     elif spec.kind == "ivfflat":  # stores ids itself; the raw vectors in the lists of the federated centroids
         quantizer = faiss.IndexFlatL2(d)
         quantizer.add(books["coarse"][0])
@@ -213,7 +242,7 @@ def build_index(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict
     return index
 
 
-CODE_KINDS = ("pq", "ivfpq", "opqpq")  # kinds whose index is rebuilt from stored codes alone
+CODE_KINDS = ("pq", "ivfpq", "opqpq", "rq", "lsq")  # kinds whose index is rebuilt from stored codes alone
 
 
 def _codec_parts(index: faiss.Index) -> tuple[faiss.IndexPreTransform | None, faiss.Index]:
@@ -246,12 +275,20 @@ def add_codes(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
         pre.ntotal = inner.ntotal
 
 
-def build_index_with_errors(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict[str, np.ndarray]) -> tuple[faiss.Index, np.ndarray]:
+def build_index_with_errors(
+    spec: IndexSpec, x: np.ndarray, ids: np.ndarray, codebooks: dict[str, np.ndarray], decoded_search: bool = False
+) -> tuple[faiss.Index, np.ndarray]:
     """:func:`build_index` and :func:`squared_errors` of the same vectors, encoding them
     once: for the code kinds the index is filled from the codes and the errors come
-    from decoding them (faiss's own decode, the same floats as :func:`reconstruct`)."""
+    from decoding them (faiss's own decode, the same floats as :func:`reconstruct`).
+
+    ``decoded_search`` (rq/lsq): return instead a flat index over the decoded vectors.
+    faiss's additive index stored without norms (ST_decompress) decodes every code for
+    every query, ~100x slower than one BLAS search over the decodings, whose distances
+    are the same ||q - decode(code)||^2 to float rounding (tested).
+    """
     if spec.kind not in CODE_KINDS:
-        return build_index(spec, x, ids, codebooks), squared_errors(x, codebooks)
+        return build_index(spec, x, ids, codebooks), squared_errors(x, codebooks, spec)
     x = np.ascontiguousarray(x, dtype=np.float32)
     index = empty_index(spec, x.shape[1], codebooks)
     codes = sa_codes(index, x)
@@ -259,7 +296,11 @@ def build_index_with_errors(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, cod
     _, inner = _codec_parts(index)
     if isinstance(inner, faiss.IndexIDMap):
         inner = faiss.downcast_index(inner.index)
-    return index, ((x - inner.sa_decode(codes)) ** 2).sum(axis=1)
+    decoded = inner.sa_decode(codes)
+    if decoded_search and spec.kind in ADDITIVE_KINDS:
+        index = faiss.IndexIDMap(faiss.IndexFlatL2(x.shape[1]))
+        index.add_with_ids(decoded, np.ascontiguousarray(ids, dtype=np.int64))
+    return index, ((x - decoded) ** 2).sum(axis=1)
 
 
 def check_transform(a: np.ndarray, b: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,10 +330,11 @@ def with_transform(index: faiss.Index, a: np.ndarray, b: np.ndarray) -> faiss.In
     return faiss.IndexPreTransform(lt, index)
 
 
-def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int, add: bool = True) -> faiss.Index:
+def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int, add: bool = True, few_points: bool = False) -> faiss.Index:
     """Centralized faiss index trained on pooled data: the reference to compare with.
 
     ``add=False`` only trains (e.g. to take its codebooks with :func:`reference_codebooks`).
+    ``few_points``: RQ's k-means accepts a small sample without warning for every stage.
     """
     index = faiss.index_factory(x.shape[1], spec.factory_string())
     outer = faiss.downcast_index(index)
@@ -307,10 +349,27 @@ def train_reference_index(spec: IndexSpec, x: np.ndarray, seed: int, add: bool =
     if spec.kind in IVF_KINDS:
         inner.cp.seed = seed
         inner.nprobe = spec.nprobe
+    if spec.kind == "rq":
+        inner.rq.max_beam_size = spec.beam_size
+        inner.rq.cp.seed = seed
+        if few_points:
+            inner.rq.cp.min_points_per_centroid = 1
+    if spec.kind == "lsq":  # random_seed stays faiss's: shards encode with it (additive.LSQ_RANDOM_SEED)
+        inner.lsq.encode_ils_iters = spec.ils_iters
     index.train(x)
     if add:
         index.add(x)
     return index
+
+
+def train_additive(spec: IndexSpec, x: np.ndarray, seed: int) -> np.ndarray:
+    """faiss's own RQ/LSQ training on ``x`` (e.g. public vectors): ``[M, K, d]`` codebooks.
+
+    Few vectors per codeword are allowed here (an init from a public sample), so faiss's
+    "please provide at least ..." warning is not printed for every stage.
+    """
+    index = train_reference_index(spec, np.ascontiguousarray(x, dtype=np.float32), seed, add=False, few_points=True)
+    return reference_codebooks(spec, index)[0][spec.kind]
 
 
 def reference_codebooks(spec: IndexSpec, index: faiss.Index) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
@@ -326,6 +385,8 @@ def reference_codebooks(spec: IndexSpec, index: faiss.Index) -> tuple[dict[str, 
         books["pq"] = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
     if spec.kind in IVF_KINDS:
         books["coarse"] = inner.quantizer.reconstruct_n(0, inner.nlist)[None]
+    if spec.kind in ADDITIVE_KINDS:
+        books[spec.kind] = additive.additive_codebooks(inner.rq if spec.kind == "rq" else inner.lsq)
     transform = None
     if spec.kind == "opqpq":
         opq = faiss.downcast_VectorTransform(outer.chain.at(0))

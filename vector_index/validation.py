@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-KINDS = ("flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq")  # the index kinds a shard can build
+KINDS = ("flat", "pq", "ivfpq", "ivfflat", "hnsw", "hnswpq", "opqpq", "rq", "lsq")  # the index kinds a shard can build
 IVF_KINDS = ("ivfpq", "ivfflat")  # kinds with federated coarse centroids (nlist, nprobe)
+ADDITIVE_KINDS = ("rq", "lsq")  # M full-dimensional codebooks summed (faiss residual / local-search quantizers)
 
 
 class VectorError(ValueError):
@@ -46,6 +47,14 @@ def check_vectors(x: np.ndarray, *, dim: int | None = None, name: str = "vectors
             f"must stay below {np.finfo(np.float32).max:.3g}; first rows: {bad[:5].tolist()})"
         )
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_additive_geometry(m: int, nbits: int) -> None:
+    """An additive quantizer needs M >= 1 codebooks of 2**nbits codewords, 1 <= nbits <= 16."""
+    if m < 1:
+        raise VectorError(f"additive quantizer: M={m} must be >= 1")
+    if not 1 <= nbits <= 16:
+        raise VectorError(f"additive quantizer: nbits={nbits} is out of range; use 1..16")
 
 
 def check_pq_geometry(d: int, m: int, nbits: int) -> None:
