@@ -2,6 +2,7 @@
 
     python -m simulations.benchmark_quality                 # GloVe 100k, PQ 10x8, 10 rounds
     python -m simulations.benchmark_quality --out bench/q --clients 10 --partitions iid
+    python -m simulations.benchmark_quality --index rq num_rounds=30 eval.every=30   # additive rows
 
 Runs one Hydra multirun (``simulations.run -m``) over strategy x partition x clients
 with the encoder off (plain PQ: identity encoder, no local epochs), plus the default
@@ -90,12 +91,15 @@ def table(plain: list[dict[str, Any]], encoder: list[dict[str, Any]], strategies
     return "\n".join(lines), missed
 
 
-def timed_index(index, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
+def timed_index(index, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, with_ids: bool = False) -> dict[str, float]:
     """Encode the base into ``index`` and search it: throughputs beside the recall."""
     from vector_index.topk import recall_report
 
     t = time.perf_counter()
-    index.add(base) if not hasattr(index, "id_map") else index.add_with_ids(base, np.arange(base.shape[0], dtype=np.int64))
+    if with_ids:  # a shard's index takes user ids
+        index.add_with_ids(base, np.arange(base.shape[0], dtype=np.int64))
+    else:
+        index.add(base)
     encode_s = time.perf_counter() - t
     t = time.perf_counter()
     _, found = index.search(queries, k)
@@ -140,8 +144,7 @@ def federated_speed(row: dict[str, Any], root: Path) -> dict[str, float]:
     model = np.load(summary["global_model"])
     books = {level: model[f"codebook.{level}"] for level in spec.levels}
     index = with_transform(empty_index(spec, data.base.shape[1], books), model["transform.A"], model["transform.b"])
-    index.id_map = True  # add_with_ids: the shard's index takes user ids
-    return timed_index(index, data.base, data.queries, exact_neighbours(data, exp.eval.k), exp.eval.k)
+    return timed_index(index, data.base, data.queries, exact_neighbours(data, exp.eval.k), exp.eval.k, with_ids=True)
 
 
 def additive_table(rows: list[dict[str, Any]], central: dict[str, dict[str, Any]], root: Path) -> tuple[str, list[str]]:

@@ -17,6 +17,7 @@ from vector_index.quantizers import (
     sa_codes,
     split_subspaces,
     squared_errors,
+    train_additive,
     train_reference_index,
 )
 from vector_index.validation import VectorError
@@ -277,3 +278,14 @@ def test_additive_codebooks_are_checked(data):
         build_index(spec, data[0], np.arange(N), {"pq": np.zeros((3, K, D), np.float32)})
     with pytest.raises(VectorError, match="beam_size"):
         IndexSpec("rq", m=3, nbits=NBITS, beam_size=0)
+
+
+def test_public_init_of_lsq_is_faiss_rq_on_the_same_vectors(data):
+    """LSQ starts from faiss's RQ codebooks (its own least squares overfits a small public
+    sample); the shard then encodes them with LSQ's ICM."""
+    x, _ = data
+    rq = train_additive(IndexSpec("rq", m=3, nbits=NBITS), x[:500], seed=1)
+    lsq = train_additive(IndexSpec("lsq", m=3, nbits=NBITS), x[:500], seed=1)
+    np.testing.assert_array_equal(lsq, rq)
+    assert rq.shape == (3, K, D)
+    assert squared_errors(x, {"lsq": lsq}, IndexSpec("lsq", m=3, nbits=NBITS)).mean() < (x**2).sum(axis=1).mean() / 4

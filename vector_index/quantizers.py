@@ -366,10 +366,14 @@ def train_additive(spec: IndexSpec, x: np.ndarray, seed: int) -> np.ndarray:
     """faiss's own RQ/LSQ training on ``x`` (e.g. public vectors): ``[M, K, d]`` codebooks.
 
     Few vectors per codeword are allowed here (an init from a public sample), so faiss's
-    "please provide at least ..." warning is not printed for every stage.
+    "please provide at least ..." warning is not printed for every stage. LSQ starts from
+    faiss's RQ codebooks: LSQ's own training solves for M*K codewords by least squares
+    and overfits a small sample (GloVe, 2,000 public vectors, M=10, K=256: MSE 0.365
+    on the base with LSQ's own codebooks, 0.127 with RQ's encoded by LSQ's ICM).
     """
-    index = train_reference_index(spec, np.ascontiguousarray(x, dtype=np.float32), seed, add=False, few_points=True)
-    return reference_codebooks(spec, index)[0][spec.kind]
+    rq = IndexSpec("rq", m=spec.m, nbits=spec.nbits, beam_size=spec.beam_size)
+    index = train_reference_index(rq, np.ascontiguousarray(x, dtype=np.float32), seed, add=False, few_points=True)
+    return reference_codebooks(rq, index)[0]["rq"]
 
 
 def reference_codebooks(spec: IndexSpec, index: faiss.Index) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
