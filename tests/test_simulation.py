@@ -77,13 +77,15 @@ def test_ivfflat_trains_coarse_centroids(tmp_path):
 def test_additive_quantizer_trains_one_codebook_per_round(tmp_path, kind):
     """index=rq/lsq through the secure path: faiss's RQ/LSQ on the public vectors, then
     one exact block update per round (each codebook in turn, two sweeps): the distortion
-    falls every round and the recall approaches the centralized faiss quantizer's."""
+    falls every round and the recall approaches the centralized faiss quantizer's; the
+    saved shards answer like one faiss index with the global model."""
     from conftest import TINY
 
     from fed_app.config import compose_config
 
-    cfg = compose_config([*TINY, "num_clients=3", "num_rounds=8", f"index={kind}", "save_shards=false"])
+    cfg = compose_config([*TINY, "num_clients=3", "num_rounds=8", f"index={kind}"])
     summary = json.loads(simulate(cfg, tmp_path).read_text())
+    check_deployed(cfg, summary, tmp_path)  # the store persists, opens and searches rq/lsq shards
     check_summary(summary, 8)
     distortion = [r["distortion"] for r in summary["rounds"]]
     assert all(b <= a * 1.001 for a, b in zip(distortion, distortion[1:])), distortion
@@ -101,12 +103,15 @@ def test_invalid_config_is_refused_before_clients_start(tiny_cfg, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("index", ["pq", "opqpq", "rq"])
+@pytest.mark.parametrize("index", ["pq", "opqpq"])
 def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path, index):
     """After the last round every client saved its shard re-encoded with the global model:
     merging the shards' answers equals one faiss index with that model over the union."""
     cfg = tiny_cfg("num_clients=3", "num_rounds=2", f"index={index}", "index.m=4", "index.nbits=6", "train.lam=10")
-    summary = json.loads(simulate(cfg, tmp_path).read_text())
+    check_deployed(cfg, json.loads(simulate(cfg, tmp_path).read_text()), tmp_path)
+
+
+def check_deployed(cfg: dict, summary: dict, tmp_path) -> None:
     assert summary["deployed"]["shards_saved"] == 3 and summary["deployed"]["vectors"] == 1500
     model = np.load(summary["global_model"])
     version = int(model["model_version"])
@@ -125,6 +130,10 @@ def test_deployed_shards_answer_like_one_index_over_the_union(tiny_cfg, tmp_path
     union_ids = np.concatenate([s.ids for s in shards])
     single.add_with_ids(np.concatenate([s.vectors(s.ids) for s in shards]), union_ids)
     ds, is_ = single.search(queries, 10)
+    if spec.kind == "lsq":  # faiss's LSQ encodes each batch from its own random start: a shard's codes are not the union's
+        overlap = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(ids, is_)])
+        assert overlap > 0.6, overlap
+        return
     np.testing.assert_allclose(d, ds, rtol=1e-4, atol=1e-5)
     same = (ids == is_) | np.isclose(d, ds)  # equal distances may order differently
     assert same.all() and (ids == is_).mean() > 0.9
